@@ -1,0 +1,46 @@
+# panoray developer commands. `make demo` and `make test` bootstrap everything they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CUDA kernels are compiled (not run) wherever a toolkit is installed, so they cannot rot.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+DEPS_STAMP := $(VENV)/.panoray-deps
+EXT_STAMP := $(VENV)/.panoray-ext
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint bench demo clean
+
+setup: $(EXT_STAMP)
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first (pinned: these wheels ship with the machine), then the project and its test tools,
+# built against that torch (--no-build-isolation keeps pip from fetching a second one).
+$(DEPS_STAMP): pyproject.toml setup.py | $(PY)
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install setuptools wheel ninja
+	$(PIP) install --no-build-isolation -e '.[dev]'
+	touch $@
+
+$(EXT_STAMP): $(DEPS_STAMP) $(CSRC)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check model pipeline jobs tests bench
+
+test: setup lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PIP) install --no-build-isolation torch-ms-deform-attn==0.1.1
+	$(PY) bench/op.py
+
+clean:
+	rm -rf build *.egg-info model/_C*.so $(DEPS_STAMP) $(EXT_STAMP)
