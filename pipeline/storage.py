@@ -1,0 +1,97 @@
+"""Object storage access: one place that turns a URI into a filesystem.
+
+Any fsspec URI works: a local path, ``file://``, ``s3://``, ``gs://``, ``memory://``. For
+S3-compatible stores the endpoint comes from, in order: an ``endpoint`` query on the URI
+(``s3://bucket/prefix?endpoint=http://127.0.0.1:9000``), then ``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL`` in the environment. Credentials come only from the standard AWS chain;
+they never appear in URIs we print (see :func:`redact`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import fsspec
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def split_endpoint(uri: str) -> tuple[str, str | None]:
+    """``s3://b/p?endpoint=http://h:9000`` -> (``s3://b/p``, ``http://h:9000``)."""
+    parts = urlsplit(uri)
+    if not parts.query or parts.scheme not in ("s3", "s3a"):
+        return uri, None
+    query = dict(parse_qsl(parts.query))
+    endpoint = query.pop("endpoint", None)
+    clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return clean, endpoint
+
+
+def s3_endpoint(uri: str = "") -> str | None:
+    """The S3 endpoint override for ``uri``: its query, else the environment, else None (AWS)."""
+    _, endpoint = split_endpoint(uri)
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def get_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for any fsspec URI, with the S3 endpoint override applied."""
+    clean, _ = split_endpoint(uri)
+    protocol = urlsplit(clean).scheme
+    options: dict = {}
+    if protocol in ("s3", "s3a"):
+        endpoint = s3_endpoint(uri)
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        # Listings must see what another process just wrote (re-runs, concurrent writers).
+        options["use_listings_cache"] = False
+        options["skip_instance_cache"] = True
+    fs, path = fsspec.core.url_to_fs(clean, **options)
+    return fs, path
+
+
+def pyarrow_filesystem(uri: str):
+    """(pyarrow.fs.FileSystem, path) for ``uri``: what Ray Data's readers and writers take."""
+    import pyarrow.fs as pafs
+
+    clean, _ = split_endpoint(uri)
+    parts = urlsplit(clean)
+    if parts.scheme in ("s3", "s3a"):
+        endpoint = s3_endpoint(uri)
+        kwargs: dict = {}
+        if endpoint:
+            split = urlsplit(endpoint)
+            kwargs["endpoint_override"] = split.netloc or endpoint
+            kwargs["scheme"] = split.scheme or "https"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), (parts.netloc + parts.path).rstrip("/")
+    fs, path = get_filesystem(clean)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *names: str) -> str:
+    """Append path components to a URI (keeping an endpoint query where it was)."""
+    clean, endpoint = split_endpoint(uri)
+    joined = clean.rstrip("/")
+    for name in names:
+        joined += "/" + name.strip("/")
+    if endpoint:
+        joined += "?" + urlencode({"endpoint": endpoint})
+    return joined
+
+
+def redact(text: str) -> str:
+    """Remove credentials (from the environment or embedded in URLs) from a message."""
+    for key in _SECRET_ENV:
+        value = os.environ.get(key)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    # user:password@host in URLs
+    return re.sub(r"(?<=://)[^/@\s:]+:[^/@\s]+@", "***@", text)
