@@ -40,6 +40,7 @@ class BackboneConfig:
     num_heads: tuple[int, ...] = (3, 6, 12, 24)  # swin only: attention heads per stage
     window_size: int = 7  # swin only: side of the square attention window
     mlp_ratio: float = 4.0  # swin only: MLP hidden size / channels
+    drop_path_rate: float = 0.0  # swin only: stochastic depth at the last block (training only)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def _coco(name: str, backbone: BackboneConfig, num_queries: int = 100) -> Mask2F
 def _swin(embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...],
           window_size: int) -> BackboneConfig:
     return BackboneConfig(kind="swin", embed_dim=embed_dim, depths=depths, num_heads=num_heads,
-                          window_size=window_size)
+                          window_size=window_size, drop_path_rate=0.3)
 
 
 def _tiny() -> Mask2FormerConfig:
