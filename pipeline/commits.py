@@ -1,0 +1,248 @@
+"""Exactly-once output: one Parquet file per input shard, committed atomically, one writer.
+
+Layout of an output URI ``DST``::
+
+    DST/data/<shard key>.parquet   every row of one input shard; present == committed
+    DST/_panoray.lock              the single-writer lock (JSON, refreshed by a heartbeat)
+
+A shard's file appears in one atomic step (a single object PUT on object stores, a rename on a
+local disk) under a name derived only from the shard's id, so a shard is either wholly in the
+output or absent, and writing it again replaces it rather than adding rows. A re-run lists
+``DST/data`` and skips every shard already there: that is what makes kills, re-runs and
+incremental runs yield each input exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage import get_filesystem, join
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+LOCK_NAME = "_panoray.lock"
+
+
+def shard_key(shard_id: str) -> str:
+    """A file-name-safe, collision-free key for a shard id (readable prefix + hash)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", shard_id).strip("-.")[-80:] or "shard"
+    digest = hashlib.sha1(shard_id.encode()).hexdigest()[:12]
+    return f"{slug}-{digest}"
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _atomic_write(fs, path: str, data: bytes) -> None:
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        # One PUT (or one completed multipart upload): object stores never show a partial object.
+        fs.pipe_file(path, data)
+
+
+def _exclusive_create(fs, path: str, data: bytes) -> bool:
+    """Create ``path`` only if absent; False if it exists."""
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except TypeError:  # a filesystem without exclusive create: best effort
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+
+
+class OutputStore:
+    """The committed shards of one output URI."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.path = get_filesystem(uri)
+        self.data_path = f"{self.path.rstrip('/')}/{DATA_DIR}"
+
+    def shard_uri(self, shard_id: str) -> str:
+        return join(self.uri, DATA_DIR, shard_key(shard_id) + ".parquet")
+
+    def committed_keys(self) -> set[str]:
+        """Keys of every shard whose file is in the output."""
+        try:
+            names = self.fs.ls(self.data_path, detail=False)
+        except FileNotFoundError:
+            return set()
+        return {
+            os.path.basename(n)[: -len(".parquet")]
+            for n in names
+            if n.endswith(".parquet") and ".tmp-" not in n
+        }
+
+    def is_committed(self, shard_id: str, keys: set[str] | None = None) -> bool:
+        keys = self.committed_keys() if keys is None else keys
+        return shard_key(shard_id) in keys
+
+    def commit_shard(self, shard_id: str, table: pa.Table) -> str:
+        """Write every row of one shard as one Parquet file, atomically; returns its path."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        path = f"{self.data_path}/{shard_key(shard_id)}.parquet"
+        _atomic_write(self.fs, path, buf.getvalue())
+        return path
+
+
+class OutputLocked(RuntimeError):
+    """Another job is writing to the same output."""
+
+
+@dataclass
+class _LockInfo:
+    run_id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> _LockInfo:
+        return cls(**json.loads(data))
+
+
+class WriterLock:
+    """Single-writer lock on an output URI, kept alive by a heartbeat thread.
+
+    A lock whose heartbeat is older than ``stale_after_s`` (its job was killed), or whose
+    process is gone on this host, is taken over with a warning; a live one makes
+    :meth:`acquire` raise :class:`OutputLocked`.
+    """
+
+    def __init__(self, uri: str, *, stale_after_s: float = 300.0, heartbeat_s: float = 30.0,
+                 run_id: str | None = None):
+        self.uri = uri
+        self.fs, path = get_filesystem(uri)
+        self.path = f"{path.rstrip('/')}/{LOCK_NAME}"
+        self.stale_after_s = stale_after_s
+        self.heartbeat_s = heartbeat_s
+        now = time.time()
+        self.info = _LockInfo(run_id or uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(),
+                              now, now)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def _read(self) -> _LockInfo | None:
+        try:
+            return _LockInfo.from_bytes(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError):
+            return _LockInfo("unreadable", "?", -1, 0.0, 0.0)  # garbage: treat as stale
+
+    def _is_stale(self, other: _LockInfo) -> bool:
+        if time.time() - other.heartbeat_at > self.stale_after_s:
+            return True
+        if other.host == self.info.host and other.pid > 0 and other.pid != os.getpid():
+            try:
+                os.kill(other.pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+    def acquire(self) -> WriterLock:
+        for _ in range(3):
+            self.info.heartbeat_at = time.time()
+            if _exclusive_create(self.fs, self.path, self.info.to_bytes()):
+                self._start_heartbeat()
+                return self
+            other = self._read()
+            if other is None:
+                continue
+            if not self._is_stale(other):
+                age = time.time() - other.started_at
+                raise OutputLocked(
+                    f"another panoray job (run {other.run_id}, host {other.host}, pid "
+                    f"{other.pid}, started {age:.0f} s ago) is writing to {self.uri}; wait for "
+                    f"it to finish, or if it was killed, re-run after its lock goes stale "
+                    f"({self.stale_after_s:.0f} s without a heartbeat)"
+                )
+            log.warning("taking over the stale lock of run %s on %s (last heartbeat %.0f s ago)",
+                        other.run_id, self.uri, time.time() - other.heartbeat_at)
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+        raise OutputLocked(f"could not take the lock on {self.uri}: another job keeps taking it")
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="panoray-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            current = self._read()
+            if current is None or current.run_id != self.info.run_id:
+                self.lost = True
+                log.error("lost the output lock on %s to run %s", self.uri,
+                          current.run_id if current else "?")
+                return
+            self.info.heartbeat_at = time.time()
+            try:
+                self.fs.pipe_file(self.path, self.info.to_bytes())
+            except OSError as e:  # a transient storage error: try again next beat
+                log.warning("lock heartbeat failed: %s", e)
+
+    def ensure_held(self) -> None:
+        """Raise if another job took the lock over (this job must stop committing)."""
+        if self.lost:
+            raise OutputLocked(f"this job lost the lock on {self.uri} to another job; stopping")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        current = self._read()
+        if current is not None and current.run_id == self.info.run_id:
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> WriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
