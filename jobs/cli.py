@@ -1,0 +1,203 @@
+"""The `panoray` command line. Each command is a thin shell over a function in pipeline/ or
+jobs/; errors a user can make end with one sentence on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("panoray")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one sentence, no traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that describe a user's mistake rather than a bug."""
+    from jobs.spec import SpecError
+    from pipeline.commits import OutputLocked
+
+    errors: list[type[BaseException]] = [UserError, SpecError, OutputLocked, FileNotFoundError,
+                                         PermissionError]
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+        errors += [NoCredentialsError, PartialCredentialsError]
+    except ImportError:
+        pass
+    try:
+        from model.bundle import BundleMismatchError
+
+        errors.append(BundleMismatchError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="segment an image archive into Parquet (one row/image)",
+                       description="Read image shards at SRC, predict panoptic segmentations with "
+                       "the model bundle, write one Parquet row per image under DST. Re-runs "
+                       "skip shards already done.")
+    p.add_argument("src", nargs="?", help="input URI: folder/prefix of .tar shards, images or "
+                   ".parquet files (s3://, gs://, local)")
+    p.add_argument("dst", nargs="?", help="output URI (s3://, gs://, local)")
+    p.add_argument("--model", help="model bundle URI")
+    p.add_argument("--spec", help="a segment job spec (YAML); flags given here override it")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-actors", type=int, help="predictor actors (default: one per GPU, "
+                   "else CPUs - 1)")
+    p.add_argument("--gpus-per-actor", type=float)
+    p.add_argument("--threads-per-actor", type=int)
+    p.add_argument("--files-per-shard", type=int)
+    p.add_argument("--image-column", help="bytes column of Parquet inputs (default: detect)")
+    p.add_argument("--max-pixels", type=int, help="larger images become error rows")
+    p.add_argument("--limit-shards", type=int, help="do at most this many new shards")
+    p.add_argument("--address", help="Ray cluster address (default: local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_segment)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from jobs.spec import SegmentSpec, load_spec, parse_spec
+    from pipeline.segment import run_segment
+
+    if args.spec:
+        spec = load_spec(args.spec)
+        if spec.kind != "segment":
+            raise UserError(f"{args.spec} is a {spec.kind} spec; use `panoray {spec.kind}`")
+        fields = dict(vars(spec.args))
+    else:
+        fields = {}
+    overrides = {"src": args.src, "dst": args.dst, "model": args.model,
+                 "batch_size": args.batch_size, "num_actors": args.num_actors,
+                 "gpus_per_actor": args.gpus_per_actor,
+                 "threads_per_actor": args.threads_per_actor,
+                 "files_per_shard": args.files_per_shard, "image_column": args.image_column,
+                 "max_pixels": args.max_pixels, "limit_shards": args.limit_shards,
+                 "address": args.address}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("src", "dst", "model"):
+        if not fields.get(key):
+            flag = "--model BUNDLE" if key == "model" else key.upper()
+            raise UserError(f"segment needs {flag} (or a --spec that sets {key!r})")
+    spec = parse_spec({"kind": "segment", **fields}, source="command line")
+    assert isinstance(spec.args, SegmentSpec)
+    summary = run_segment(**vars(spec.args), progress=not args.no_progress)
+    print(summary.render())
+    return 0 if summary.images_failed == 0 or summary.images_ok > 0 else 1
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic COCO-panoptic dataset",
+                       description="Write a synthetic panoptic dataset (train and val splits, "
+                       "COCO panoptic format) at DST; deterministic by seed.")
+    p.add_argument("dst", help="output URI")
+    p.add_argument("--train", type=int, default=200, help="train images")
+    p.add_argument("--val", type=int, default=40, help="val images")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.synth import make_synthetic_dataset
+
+    summary = make_synthetic_dataset(args.dst, num_train=args.train, num_val=args.val,
+                                     image_size=(args.size, args.size), seed=args.seed)
+    print(summary)
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="import official Mask2Former weights as a model bundle",
+                       description="Convert a Hugging Face save_pretrained folder or a reference "
+                       "detectron2 .pkl into a panoray model bundle at DST.")
+    p.add_argument("--from", dest="fmt", choices=["hf", "detectron2"], required=True)
+    p.add_argument("src", help="HF folder, or .pkl file (local or URI)")
+    p.add_argument("dst", help="bundle URI to write")
+    p.add_argument("--preset", help="architecture of a detectron2 .pkl (e.g. r50-coco-panoptic)")
+    p.add_argument("--name", help="bundle name (default: the preset / folder name)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from model.bundle import load_state_dict_into, save_bundle
+    from model.mask2former import build_model
+
+    if args.fmt == "hf":
+        from model.convert_hf import convert_hf
+
+        config, state_dict = convert_hf(args.src)
+    else:
+        if not args.preset:
+            raise UserError("a detectron2 .pkl holds no architecture: pass --preset, e.g. "
+                            "--preset r50-coco-panoptic")
+        from model.convert_detectron2 import convert_detectron2
+
+        config, state_dict = convert_detectron2(args.src, preset=args.preset)
+    net = build_model(config)
+    load_state_dict_into(net, state_dict)
+    model_id = save_bundle(net, args.dst, name=args.name)
+    print(f"wrote bundle {model_id} to {args.dst}")
+    return 0
+
+
+def _add_submit(sub) -> None:
+    p = sub.add_parser("submit", help="run a job spec on a running Ray cluster (Jobs API)",
+                       description="Check SPEC locally, then submit it to the Ray cluster whose "
+                       "dashboard is at --address; prints the submission id.")
+    p.add_argument("spec", help="job spec YAML (kind: segment | finetune)")
+    p.add_argument("--address", required=True, help="dashboard URL, e.g. http://HEAD:8265")
+    p.add_argument("--wait", action="store_true", help="wait for the job and exit with its result")
+    p.set_defaults(func=cmd_submit)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import submit
+
+    try:
+        job_id, status = submit(args.spec, address=args.address, wait=args.wait)
+    except ConnectionError as e:
+        raise UserError(f"cannot reach a Ray cluster at {args.address}: {e}") from None
+    print(f"submitted {job_id} to {args.address}" + (f": {status}" if status else ""))
+    print(f"follow it with: ray job logs --address {args.address} --follow {job_id}")
+    return 0 if status in (None, "SUCCEEDED") else 1
+
+
+def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="panoray",
+        description="Mask2Former panoptic segmentation of image archives on Ray, and "
+        "fine-tuning with the same model code.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_segment, _add_synth, _add_convert, _add_submit, *extra):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("panoray: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        from pipeline.storage import redact
+
+        message = redact(str(e).strip() or type(e).__name__).splitlines()[0]
+        print(f"panoray {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
