@@ -1,0 +1,151 @@
+"""Model bundles: round trips (local and S3), model ids, and the errors users can hit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model.bundle import (
+    BundleMismatchError,
+    bundle_id,
+    load_bundle,
+    load_state_dict_into,
+    save_bundle,
+)
+from model.config import get_config
+from model.mask2former import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    return build_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(1)) * 255
+
+
+@pytest.fixture(scope="module")
+def tiny_outputs(tiny_net, images):
+    with torch.no_grad():
+        return tiny_net(images)
+
+
+@torch.no_grad()
+def assert_same_outputs(a, b, images):
+    """`a` is a model or its outputs on `images` (computed once per module for the tiny net)."""
+    out_a, out_b = (a if isinstance(a, dict) else a(images)), b(images)
+    assert torch.equal(out_a["pred_logits"], out_b["pred_logits"])
+    assert torch.equal(out_a["pred_masks"], out_b["pred_masks"])
+
+
+def test_local_round_trip_reproduces_outputs_and_config(tmp_path, tiny_net, tiny_outputs,
+                                                        images):
+    uri = str(tmp_path / "bundle")
+    model_id = save_bundle(tiny_net, uri, name="tiny-test")
+    loaded = load_bundle(uri)
+    assert loaded.config == tiny_net.config
+    assert not loaded.training
+    assert_same_outputs(tiny_outputs, loaded, images)
+    assert loaded.model_id == model_id == tiny_net.model_id == bundle_id(uri)
+    assert model_id.startswith("tiny-test@") and len(model_id.split("@")[1]) == 12
+    manifest = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert manifest["name"] == "tiny-test" and manifest["format_version"] == 1
+    assert [c["name"] for c in manifest["config"]["categories"]] == [
+        c.name for c in tiny_net.config.categories]
+
+
+def test_s3_round_trip(s3_bucket, tiny_net, tiny_outputs, images):
+    uri = f"s3://{s3_bucket}/models/tiny"
+    save_bundle(tiny_net, uri)
+    loaded = load_bundle(uri)
+    assert_same_outputs(tiny_outputs, loaded, images)
+    assert loaded.model_id == bundle_id(uri)
+    assert loaded.model_id.startswith("tiny@")
+
+
+def test_model_id_is_stable_and_tracks_the_weights(tmp_path, tiny_net):
+    first = save_bundle(tiny_net, str(tmp_path / "a"))
+    again = save_bundle(load_bundle(str(tmp_path / "a")), str(tmp_path / "b"))
+    assert first == again
+    torch.manual_seed(123)
+    other = build_model("tiny")
+    assert save_bundle(other, str(tmp_path / "c")).split("@")[1] != first.split("@")[1]
+
+
+def test_tied_weights_are_saved(tmp_path, images):
+    torch.manual_seed(0)
+    net = build_model("tiny")
+    predictor = net.sem_seg_head.predictor
+    predictor.query_embed.weight = predictor.query_feat.weight  # two keys, one storage
+    save_bundle(net, str(tmp_path / "tied"))
+    loaded = load_bundle(str(tmp_path / "tied"))
+    assert torch.equal(loaded.sem_seg_head.predictor.query_embed.weight,
+                       predictor.query_feat.weight)
+    assert_same_outputs(net, loaded, images)
+
+
+def test_missing_files_are_named(tmp_path, tiny_net):
+    uri = str(tmp_path / "partial")
+    save_bundle(tiny_net, uri)
+    (tmp_path / "partial" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"partial is not a model bundle: model\.safe"):
+        load_bundle(uri)
+    with pytest.raises(FileNotFoundError, match="config.json, model.safetensors missing"):
+        load_bundle(str(tmp_path / "nowhere"))
+
+
+def test_config_weights_mismatch_lists_keys(tmp_path, tiny_net):
+    uri = tmp_path / "mismatch"
+    save_bundle(tiny_net, str(uri))
+    manifest = json.loads((uri / "config.json").read_text())
+    manifest["config"]["categories"] = manifest["config"]["categories"][:3]
+    (uri / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleMismatchError, match=r"wrong shape \(sem_seg_head\.predictor\."
+                                                  r"class_embed\.bias: \(9,\) vs expected \(4,\)"):
+        load_bundle(str(uri))
+
+
+def test_extra_and_missing_weights_are_reported(tmp_path, tiny_net):
+    uri = tmp_path / "extra"
+    save_bundle(tiny_net, str(uri))
+    state = {k: v.contiguous() for k, v in tiny_net.state_dict().items()
+             if not k.startswith("sem_seg_head.predictor.decoder_norm")}
+    state["head.surprise"] = torch.zeros(2)
+    save_file(state, str(uri / "model.safetensors"))
+    with pytest.raises(BundleMismatchError) as err:
+        load_bundle(str(uri))
+    assert "2 missing (sem_seg_head.predictor.decoder_norm.bias" in str(err.value)
+    assert "1 unexpected (head.surprise)" in str(err.value)
+
+
+def test_bad_manifest_is_rejected(tmp_path, tiny_net):
+    uri = tmp_path / "future"
+    save_bundle(tiny_net, str(uri))
+    manifest = json.loads((uri / "config.json").read_text())
+    manifest["format_version"] = 99
+    (uri / "config.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="upgrade panoray"):
+        load_bundle(str(uri))
+
+
+def test_new_label_space_keeps_everything_but_the_class_head(tiny_net):
+    cfg = get_config("tiny")
+    small = dataclasses.replace(cfg, categories=cfg.categories[:3])
+    torch.manual_seed(5)
+    target = build_model(small)
+    fresh_head = target.sem_seg_head.predictor.class_embed.weight.detach().clone()
+    with pytest.raises(BundleMismatchError, match="class_embed"):
+        load_state_dict_into(target, tiny_net.state_dict())
+    load_state_dict_into(target, tiny_net.state_dict(), reinit_class_head=True)
+    assert torch.equal(target.sem_seg_head.predictor.class_embed.weight, fresh_head)
+    source = tiny_net.state_dict()
+    for key, value in target.state_dict().items():
+        if "class_embed" not in key:
+            assert torch.equal(value, source[key]), key
