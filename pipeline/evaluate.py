@@ -305,7 +305,8 @@ def pq_compute(
     """PQ of the predictions against the ground truth; panopticapi's signature and result.
 
     JSON files and PNG folders may be at any URI; a folder defaults to its JSON's URI without
-    ``.json``. workers: local processes (None: one per CPU for larger sets, 1: in this process).
+    ``.json``. workers: local processes (None: one per CPU for larger sets, 1: in this process);
+    they are spawned, so a script calling this needs the ``if __name__ == "__main__":`` guard.
     use_ray: run the per-image step as Ray Data tasks instead (for large sets on a cluster).
     Returns the dict described in :func:`pq_results`.
     """
