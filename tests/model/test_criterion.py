@@ -251,8 +251,10 @@ def test_targets_that_do_not_fit_are_refused_with_the_fix(bad, message):
         small_criterion()(random_outputs(g, batch=1, num_aux=0), [target], num_masks=2)
 
 
-def test_matches_hugging_face_mask2former_loss():
-    """Same points (both draw from the global RNG in the same order for one image)."""
+@pytest.mark.parametrize("counts", [[3], [3, 2]])
+def test_matches_hugging_face_mask2former_loss(counts):
+    """Same points: both draw from the global RNG, in the same order once Hugging Face samples
+    the importance points image by image (it samples the whole batch in one draw)."""
     hf = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
     from transformers import Mask2FormerConfig
 
@@ -267,12 +269,18 @@ def test_matches_hugging_face_mask2former_loss():
         importance_sample_ratio=0.75,
     )
     reference = hf.Mask2FormerLoss(config, weight_dict={})
+    batch_draw = reference.sample_points_using_uncertainty
+
+    def per_image_draw(logits, *args):
+        return torch.cat([batch_draw(chunk, *args) for chunk in logits.split(counts)])
+
+    reference.sample_points_using_uncertainty = per_image_draw
     g = torch.Generator().manual_seed(9)
-    outputs = random_outputs(g, batch=1, num_aux=2)
-    targets = box_targets(g, [3])
+    outputs = random_outputs(g, batch=len(counts), num_aux=2)
+    targets = box_targets(g, counts)
 
     torch.manual_seed(1234)
-    ours = small_criterion()(outputs, targets, num_masks=3)
+    ours = small_criterion()(outputs, targets, num_masks=sum(counts))
     torch.manual_seed(1234)
     theirs = reference(
         masks_queries_logits=outputs["pred_masks"],
