@@ -26,7 +26,7 @@ def _sources(pattern: str) -> list[str]:
 
 
 def extensions():
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = []
     if not _want_cuda():
@@ -48,7 +48,7 @@ def extensions():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=["-fopenmp"],
             py_limited_api=True,
