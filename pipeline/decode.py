@@ -150,7 +150,7 @@ def decode_batch(
     for i in range(n):
         earlier = None if previous_errors is None else previous_errors[i]
         try:
-            if earlier:
+            if not _missing(earlier):
                 raise DecodeError(str(earlier))
             decoded = decode_image(
                 batch[data_column][i],
@@ -175,6 +175,13 @@ def decode_batch(
     out = {k: v for k, v in batch.items() if keep_data or k != data_column}
     out.update(image=images, width=widths, height=heights, status=statuses, error=errors)
     return out
+
+
+def _missing(value: Any) -> bool:
+    """None, or how a null string comes back from a columnar batch (NaN, empty)."""
+    if value is None or isinstance(value, str):
+        return not value
+    return isinstance(value, (float, np.floating)) and bool(np.isnan(value))
 
 
 def _sniff(data: bytes) -> str | None:

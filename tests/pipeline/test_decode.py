@@ -1,4 +1,4 @@
-"""decode_image / decode_batch: every awkward input becomes an upright RGB array or a clear error."""
+"""decode_image / decode_batch: an awkward input becomes an upright RGB array or a clear error."""
 
 from __future__ import annotations
 
@@ -154,3 +154,24 @@ def test_batch_passes_source_errors_through_and_never_raises():
     assert "empty" in out["error"][1]
     assert (out["width"], out["height"]) == ([4, None, None], [3, None, None])
     assert "data" not in out and list(out["image_id"]) == ["a", "b", "c"]
+
+
+def test_batch_reads_null_errors_the_way_columnar_batches_hold_them():
+    good = _encode(Image.new("RGB", (4, 3)), "PNG")
+    batch = {"data": [good, good], "error": np.array([np.nan, np.nan], dtype=np.float32)}
+    assert decode_batch(batch)["status"] == ["ok", "ok"]
+
+
+def test_decode_batch_runs_in_ray_data_map_batches(ray_local, corpus):
+    items = [{"image_id": name, "data": data, "error": None} for name, (data, _) in corpus.items()]
+    ds = ray_local.data.from_items(items).map_batches(
+        decode_batch, fn_kwargs={"target_short_side": 32, "max_long_side": 64}, batch_size=4
+    )
+    rows = {row["image_id"]: row for row in ds.take_all()}
+    assert {name: row["status"] for name, row in rows.items()} == {
+        name: status for name, (_, status) in corpus.items()
+    }
+    rotated = rows["exif_rotated.jpg"]
+    assert (rotated["width"], rotated["height"]) == bad_inputs.EXIF_UPRIGHT_SIZE
+    assert rotated["image"].shape == (32, 48, 3)
+    assert rows["empty.jpg"]["width"] is None and "empty" in rows["empty.jpg"]["error"]
