@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.sources import Shard, open_shard_file, record, shown_uri, storage_errors
+from pipeline.sources import Shard, filesystem_for, record, shown_uri, storage_errors
 
 _IMAGE_NAMES = ("image", "image_bytes", "img", "jpg", "jpeg", "png", "webp", "bytes", "content",
                 "data", "image_data")
@@ -33,7 +33,7 @@ def check_columns(shard: Shard) -> bool:
     Returns False, without raising, when the footer cannot be read: that file is damaged, which
     its own error record will say; the caller can check another file instead.
     """
-    fs, path = open_shard_file(shard.uri)
+    fs, path = filesystem_for(shard.uri)
     try:
         with fs.open(path, "rb") as f:
             schema = pq.read_schema(f)
@@ -85,7 +85,7 @@ def id_column(schema: pa.Schema, *, requested: str | None, uri: str) -> str | No
 
 def iter_parquet_records(shard: Shard) -> Iterator[dict[str, Any]]:
     """One record per row of the Parquet shard; see the module docstring for damaged files."""
-    fs, path = open_shard_file(shard.uri)
+    fs, path = filesystem_for(shard.uri)
     seen: dict[str, int] = {}
     try:
         with storage_errors(shard.uri), fs.open(path, "rb") as f:

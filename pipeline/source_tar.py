@@ -21,8 +21,8 @@ from typing import Any
 from pipeline.sources import (
     IMAGE_EXTENSIONS,
     Shard,
+    filesystem_for,
     image_rank,
-    open_shard_file,
     record,
     shown_uri,
     storage_errors,
@@ -54,7 +54,7 @@ def split_key(name: str) -> tuple[str, str] | None:
 
 def iter_tar_records(shard: Shard) -> Iterator[dict[str, Any]]:
     """One record per image key in the tar, then a shard-level error record if members were lost."""
-    fs, path = open_shard_file(shard.uri)
+    fs, path = filesystem_for(shard.uri)
     seen: dict[str, int] = {}
     pending: _Member | None = None
     reading: str | None = None  # the member whose bytes are being read, for error records

@@ -104,13 +104,13 @@ def list_shards(
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard must be at least 1, got {files_per_shard}")
     src_uri = _absolute(src_uri)
-    fs, root = _filesystem(src_uri)
+    fs, root = filesystem_for(src_uri)
     with storage_errors(src_uri):
         if fs.isfile(root):
             return _single_file_shard(fs, root, src_uri, image_column, id_column)
         if not fs.isdir(root):
             raise FileNotFoundError(
-                f"nothing found at {_shown(src_uri)}; check the path (and bucket name)"
+                f"nothing found at {shown_uri(src_uri)}; check the path (and bucket name)"
             )
         listing = fs.find(root, detail=True)
     root = root.rstrip("/")
@@ -131,7 +131,7 @@ def list_shards(
     shards.extend(_group_files(loose, src_uri=src_uri, files_per_shard=files_per_shard))
     if not shards:
         raise ValueError(
-            f"no images found at {_shown(src_uri)}: expected .tar or .parquet shards or image "
+            f"no images found at {shown_uri(src_uri)}: expected .tar or .parquet shards or image "
             f"files ({', '.join(IMAGE_EXTENSIONS)})"
         )
     shards.sort(key=lambda s: s.id)
@@ -172,11 +172,6 @@ def shown_uri(uri: str, member: str | None = None) -> str:
     return redact(clean if member is None else f"{clean}#{member}")
 
 
-def open_shard_file(uri: str):
-    """(filesystem, path) for reading a shard file, with storage errors made readable."""
-    return _filesystem(uri)
-
-
 def image_extension(name: str) -> str | None:
     """The image extension of a file name (lower case), or None if it is not an image name."""
     base = name.rsplit("/", 1)[-1]
@@ -190,19 +185,17 @@ def image_rank(ext: str) -> int:
 
 
 def _iter_file_records(shard: Shard) -> Iterator[dict[str, Any]]:
-    fs, root = _filesystem(shard.uri)
+    fs, root = filesystem_for(shard.uri)
     root = root.rstrip("/")
     for start in range(0, len(shard.members), _READ_BATCH):
         batch = shard.members[start : start + _READ_BATCH]
-        paths = [f"{root}/{rel}" if root else rel for rel in batch]
+        paths = [f"{root}/{rel}" for rel in batch]
         try:
-            fetched = fs.cat(paths, on_error="return")
+            # cat_ranges, not cat: no glob expansion of names like "a[1].jpg"; s3fs runs it async.
+            fetched = fs.cat_ranges(paths, None, None, on_error="return")
         except Exception as e:  # noqa: BLE001 - one bad request must not lose the whole batch
-            fetched = {p: e for p in paths}
-        if not isinstance(fetched, dict):  # a single path comes back as bare bytes
-            fetched = {paths[0]: fetched}
-        for rel, path in zip(batch, paths):
-            data = fetched.get(path, FileNotFoundError(path))
+            fetched = [e] * len(paths)
+        for rel, data in zip(batch, fetched):
             uri = shown_uri(join(shard.uri, rel))
             if isinstance(data, BaseException):
                 yield _file_record(shard, rel, uri, error=_read_failure(data))
@@ -260,7 +253,7 @@ def _single_file_shard(
     kind = _kind_of(name)
     if kind is None:
         raise ValueError(
-            f"{_shown(src_uri)} is neither a .tar or .parquet shard nor an image file "
+            f"{shown_uri(src_uri)} is neither a .tar or .parquet shard nor an image file "
             f"({', '.join(IMAGE_EXTENSIONS)}); point at one of those or at their folder"
         )
     info = fs.info(path)
@@ -323,25 +316,20 @@ def _absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _shown(uri: str) -> str:
-    return shown_uri(uri)
-
-
-def _filesystem(uri: str):
+def filesystem_for(uri: str):
+    """(fsspec filesystem, path) for ``uri``; a missing package or unknown scheme says so."""
     try:
         return get_filesystem(uri)
     except ImportError as e:
         scheme = uri.split("://", 1)[0]
-        raise ImportError(
-            f"reading {scheme}:// needs an extra package ({e}); pip install it, e.g. gcsfs for gs://"
-        ) from None
+        raise ImportError(f"reading {scheme}:// needs a package that is missing: {e}") from None
     except ValueError as e:
         if "protocol" not in str(e).lower():
             raise
         scheme = uri.split("://", 1)[0]
         raise ValueError(
-            f"unsupported URI scheme {scheme!r} in {_shown(uri)}; use a local path, s3://, gs:// "
-            "or another fsspec protocol"
+            f"unsupported URI scheme {scheme!r} in {shown_uri(uri)}; use a local path, s3://, "
+            "gs:// or another fsspec protocol"
         ) from None
 
 
@@ -354,11 +342,11 @@ def storage_errors(uri: str) -> Iterator[None]:
         name = type(error).__name__
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
             raise PermissionError(
-                f"no credentials to read {_shown(uri)}; set AWS_ACCESS_KEY_ID and "
+                f"no credentials to read {shown_uri(uri)}; set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)"
             ) from None
         if isinstance(error, PermissionError):
             raise PermissionError(
-                f"access denied to {_shown(uri)}; check the credentials and the bucket policy"
+                f"access denied to {shown_uri(uri)}; check the credentials and the bucket policy"
             ) from None
         raise

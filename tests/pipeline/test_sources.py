@@ -46,6 +46,7 @@ TREE = {
     })),
     "photos/a.jpg": b"file-a",
     "photos/2024/b.png": b"file-b",
+    "photos/c[1].jpg": b"file-c",  # a name that is also a glob pattern
     "photos/_SUCCESS": b"",
     ".hidden/c.jpg": b"hidden",
     "notes.txt": b"not an image",
@@ -59,6 +60,7 @@ EXPECTED = {  # image_id -> (data, error word)
     "tables/part-0.parquet/z": (b"pq-z", None),
     "photos/a.jpg": (b"file-a", None),
     "photos/2024/b.png": (b"file-b", None),
+    "photos/c[1].jpg": (b"file-c", None),
 }
 
 
