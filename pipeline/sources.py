@@ -29,7 +29,8 @@ change whenever the set of inputs behind it changes, and stay put otherwise:
   changed shard gets a new id and is processed again; an old id that no longer appears in a
   listing is stale. ``image_id`` of a loose file is its relative path, which no regrouping
   changes. Shard sizes vary around ``files_per_shard`` (geometrically; the largest of K shards
-  holds about ``files_per_shard * ln K`` files).
+  holds about ``files_per_shard * ln K`` files). Keep ``files_per_shard`` the same for every
+  run into one output: another value regroups everything under new ids.
 
 **One record per input.** :func:`iter_shard_records` yields one record per image member it can
 enumerate, with ``data`` (bytes) or ``error`` (a message) set. A member that cannot be read
