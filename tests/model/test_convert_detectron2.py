@@ -185,15 +185,6 @@ def test_small_swin_round_trips_and_skips_derived_buffers(tmp_path, images):
         assert torch.equal(source(images)["pred_masks"], net(images)["pred_masks"])
 
 
-def test_unknown_reference_key_is_reported_by_name(tmp_path, tiny_net):
-    arrays = to_detectron2_state_dict(tiny_net)
-    arrays["sem_seg_head.predictor.extra_head.weight"] = np.zeros(3, np.float32)
-    src = write_pickle(tmp_path / "extra.pkl", {"model": arrays, "__author__": "test"})
-    with pytest.raises(BundleMismatchError,
-                       match=r"1 unexpected \(sem_seg_head\.predictor\.extra_head\.weight\)"):
-        convert_detectron2(src, preset="tiny")
-
-
 def test_bare_dict_of_arrays_is_accepted(tmp_path, tiny_net):
     src = tmp_path / "bare.pkl"
     export_detectron2(tiny_net, str(src))
@@ -205,12 +196,17 @@ def test_bare_dict_of_arrays_is_accepted(tmp_path, tiny_net):
     assert all(torch.equal(state_dict[k], reference[k]) for k in reference)
 
 
-def test_wrong_shape_names_the_key_and_preset(tmp_path, tiny_net):
+@pytest.mark.parametrize("key, array, message", [
+    ("sem_seg_head.predictor.query_feat.weight", np.zeros((7, 64), np.float32),
+     r"does not fit preset 'tiny'.*query_feat\.weight: \(7, 64\)"),
+    ("sem_seg_head.predictor.extra_head.weight", np.zeros(3, np.float32),
+     r"1 unexpected \(sem_seg_head\.predictor\.extra_head\.weight\)"),
+], ids=["wrong-shape", "unknown-key"])
+def test_weights_that_do_not_fit_name_the_key_and_preset(tmp_path, tiny_net, key, array, message):
     arrays = to_detectron2_state_dict(tiny_net)
-    arrays["sem_seg_head.predictor.query_feat.weight"] = np.zeros((7, 64), np.float32)
+    arrays[key] = array
     src = write_pickle(tmp_path / "bad.pkl", {"model": arrays, "__author__": "test"})
-    with pytest.raises(BundleMismatchError,
-                       match=r"does not fit preset 'tiny'.*query_feat\.weight: \(7, 64\)"):
+    with pytest.raises(BundleMismatchError, match=message):
         convert_detectron2(src, preset="tiny")
 
 
