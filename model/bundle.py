@@ -40,17 +40,19 @@ class BundleMismatchError(ValueError):
     """Weights that do not fit the architecture described by the config."""
 
 
-def save_bundle(net: nn.Module, uri: str, *, name: str | None = None) -> str:
+def save_bundle(net: nn.Module, uri: str, *, name: str | None = None,
+                filesystem: fsspec.AbstractFileSystem | None = None) -> str:
     """Write `net` (a Mask2Former with a `.config`) as a bundle folder at `uri`.
 
-    Overwrites an existing bundle there. Sets and returns `net.model_id`.
+    Overwrites an existing bundle there. Sets and returns `net.model_id`. `filesystem`: an
+    fsspec filesystem to use instead of the one `uri` implies (e.g. with custom credentials).
     """
     config = _config_of(net)
     name = name or config.name
     weights = save_safetensors(_plain_state_dict(net), metadata={"format": "pt"})
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
                 "config": config.to_dict()}
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = _resolve(uri, filesystem)
     fs.makedirs(root, exist_ok=True)
     # Weights first: a reader never sees a config.json beside missing or stale weights
     # of a fresh bundle.
@@ -62,9 +64,10 @@ def save_bundle(net: nn.Module, uri: str, *, name: str | None = None) -> str:
     return net.model_id
 
 
-def load_bundle(uri: str, *, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_bundle(uri: str, *, map_location: str | torch.device = "cpu",
+                filesystem: fsspec.AbstractFileSystem | None = None) -> nn.Module:
     """Rebuild the model saved at `uri`, in eval mode, with `model_id` and `bundle_name` set."""
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = _resolve(uri, filesystem)
     config_path, weights_path = (posixpath.join(root, n) for n in (CONFIG_FILE, WEIGHTS_FILE))
     missing = [n for n, p in ((CONFIG_FILE, config_path), (WEIGHTS_FILE, weights_path))
                if not fs.exists(p)]
@@ -88,9 +91,9 @@ def load_bundle(uri: str, *, map_location: str | torch.device = "cpu") -> nn.Mod
     return net
 
 
-def bundle_id(uri: str) -> str:
+def bundle_id(uri: str, *, filesystem: fsspec.AbstractFileSystem | None = None) -> str:
     """The `model_id` of the bundle at `uri` ("name@hash"), without building the model."""
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = _resolve(uri, filesystem)
     try:
         with fs.open(posixpath.join(root, CONFIG_FILE), "r") as f:
             name = json.load(f)["name"]
@@ -144,6 +147,13 @@ def check_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
         raise BundleMismatchError(
             "weights do not fit the configured architecture: " + "; ".join(problems)
             + "; check that the config (preset, number of classes) matches the checkpoint")
+
+
+def _resolve(uri: str, filesystem: fsspec.AbstractFileSystem | None,
+             ) -> tuple[fsspec.AbstractFileSystem, str]:
+    if filesystem is None:
+        return fsspec.core.url_to_fs(uri)
+    return filesystem, filesystem._strip_protocol(uri)
 
 
 def _read_manifest(manifest: Any, uri: str) -> Mask2FormerConfig:

@@ -70,6 +70,17 @@ def test_s3_round_trip(s3_bucket, tiny_net, tiny_outputs, images):
     assert loaded.model_id.startswith("tiny@")
 
 
+def test_explicit_filesystem_is_used(tiny_net, tiny_outputs, images):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    model_id = save_bundle(tiny_net, "memory://bundles/tiny", filesystem=memory)
+    assert memory.exists("/bundles/tiny/model.safetensors")
+    loaded = load_bundle("/bundles/tiny", filesystem=memory)
+    assert loaded.model_id == model_id == bundle_id("memory://bundles/tiny", filesystem=memory)
+    assert_same_outputs(tiny_outputs, loaded, images)
+
+
 def test_model_id_is_stable_and_tracks_the_weights(tmp_path, tiny_net):
     first = save_bundle(tiny_net, str(tmp_path / "a"))
     again = save_bundle(load_bundle(str(tmp_path / "a")), str(tmp_path / "b"))
