@@ -248,3 +248,18 @@ def test_batch_helper_matches_resizing_every_query():
         for r in (res, res2):
             assert torch.equal(r["instances"]["masks"], inst["masks"])
             torch.testing.assert_close(r["instances"]["scores"], inst["scores"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(7)
+    isthing = [True, False, True, False, False, True]
+    logits = torch.randn(2, 20, 7, generator=g) * 8
+    masks = torch.stack([random_masks(g, 20, 16, 12) for _ in range(2)])
+    kwargs = dict(input_sizes=[(64, 48), (50, 40)], output_sizes=[(120, 90), (75, 61)],
+                  isthing=isthing, instance=True, object_mask_threshold=0.3)
+    cpu = postprocess_batch(pred_logits=logits, pred_masks=masks, **kwargs)
+    gpu = postprocess_batch(pred_logits=logits.cuda(), pred_masks=masks.cuda(), **kwargs)
+    for a, b in zip(cpu, gpu):
+        assert a["panoptic_seg"][1] == pytest.approx(b["panoptic_seg"][1])
+        assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0].cpu())
