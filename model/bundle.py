@@ -131,6 +131,15 @@ def load_state_dict_into(net: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 def check_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Raise BundleMismatchError unless `state_dict` has exactly `net`'s keys and shapes."""
+    problems = state_dict_mismatch(net, state_dict)
+    if problems:
+        raise BundleMismatchError(
+            f"weights do not fit the configured architecture: {problems}; check that the "
+            "config (preset, number of classes) matches the checkpoint")
+
+
+def state_dict_mismatch(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """A summary of missing, unexpected and mis-shaped keys (a few of each), or None if none."""
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -143,10 +152,7 @@ def check_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
         if items:
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
             problems.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
-    if problems:
-        raise BundleMismatchError(
-            "weights do not fit the configured architecture: " + "; ".join(problems)
-            + "; check that the config (preset, number of classes) matches the checkpoint")
+    return "; ".join(problems) or None
 
 
 def _resolve(uri: str, filesystem: fsspec.AbstractFileSystem | None,

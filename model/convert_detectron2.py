@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.bundle import BundleMismatchError, check_state_dict
+from model.bundle import BundleMismatchError, state_dict_mismatch
 from model.config import Category, Mask2FormerConfig, get_config
 from model.mask2former import build_model
 
@@ -148,11 +148,11 @@ def convert_detectron2(
         if key in expected:
             tensor = tensor.to(expected[key].dtype)
         state_dict[key] = tensor
-    try:
-        check_state_dict(reference, state_dict)
-    except BundleMismatchError as err:
-        raise BundleMismatchError(f"{src_uri} does not fit preset {config.name!r}: {err}; "
-                                  "pass the preset the checkpoint was trained with") from None
+    problems = state_dict_mismatch(reference, state_dict)
+    if problems:
+        raise BundleMismatchError(
+            f"{src_uri} does not fit preset {config.name!r}: {problems}; pass the preset the "
+            "checkpoint was trained with (and categories= for another label space)")
     return config, state_dict
 
 
