@@ -111,6 +111,29 @@ class OutputStore:
         keys = self.committed_keys() if keys is None else keys
         return shard_key(shard_id) in keys
 
+    def image_ids(self, key: str) -> set[str]:
+        """The image ids in one committed shard file (reads that column only)."""
+        with self.fs.open(f"{self.data_path}/{key}.parquet") as f:
+            return set(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
+
+    def drop_images(self, key: str, image_ids: set[str]) -> int:
+        """Remove rows of `image_ids` from one committed shard file, atomically; returns how
+        many went. A file left with no rows is deleted."""
+        path = f"{self.data_path}/{key}.parquet"
+        with self.fs.open(path) as f:
+            table = pq.read_table(f)
+        keep = [i not in image_ids for i in table.column("image_id").to_pylist()]
+        dropped = len(keep) - sum(keep)
+        if dropped == 0:
+            return 0
+        if not any(keep):
+            self.fs.rm_file(path)
+            return dropped
+        buf = io.BytesIO()
+        pq.write_table(table.filter(pa.array(keep)), buf, compression="zstd")
+        _atomic_write(self.fs, path, buf.getvalue())
+        return dropped
+
     def commit_shard(self, shard_id: str, table: pa.Table) -> str:
         """Write every row of one shard as one Parquet file, atomically; returns its path."""
         buf = io.BytesIO()

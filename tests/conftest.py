@@ -83,8 +83,11 @@ def s3_bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A single-node local Ray instance on loopback, shared by the tests that need one."""
+def ray_local(s3_server):
+    """A single-node local Ray instance on loopback, shared by the tests that need one.
+
+    It starts after the S3 server so that its workers inherit the S3 endpoint and credentials.
+    """
     import ray
 
     if not ray.is_initialized():
