@@ -41,8 +41,9 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# One line per benchmark. torch-ms-deform-attn is the op's peer, installed for bench/op.py only.
 bench: setup
-	$(PIP) install --no-build-isolation torch-ms-deform-attn==0.1.1
+	$(PIP) install --quiet --no-build-isolation torch-ms-deform-attn==0.1.1
 	$(PY) bench/op.py
 
 clean:

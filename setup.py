@@ -26,7 +26,15 @@ def _sources(pattern: str) -> list[str]:
 
 
 def extensions():
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
+    # torch 2.14's headers need C++20. ISO mode turns off FMA contraction, which the kernels'
+    # inner loops want (the AVX2 + FMA variants are chosen at run time, never -march=native).
+    cxx_flags = [
+        "-O3",
+        "-std=c++20",
+        "-ffp-contract=fast",
+        "-fopenmp",
+        "-DPy_LIMITED_API=0x030A0000",
+    ]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     define_macros = []
     if not _want_cuda():

@@ -3,7 +3,7 @@
 // op. Kernels: csrc/cpu/ms_deform_attn_cpu.cpp and csrc/cuda/ms_deform_attn_cuda.cu.
 #include <Python.h>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include "ms_deform_attn.h"

@@ -88,11 +88,12 @@ PANORAY_HOST_DEVICE inline void attention_scaled_weights(const BilinearPoint<acc
   out[3] = p.weight[3] * attention;
 }
 
-// Forward, one channel: acc + sum_i scaled[i] * v_i (v_i is 0 for an invalid corner).
+// Forward, one channel: acc + sum_i scaled[i] * v_i (v_i is 0 for an invalid corner). The
+// sample is summed before it is added, so that consecutive points' samples do not wait on acc.
 template <typename acc_t>
 PANORAY_HOST_DEVICE inline acc_t bilinear_accumulate(acc_t acc, const acc_t (&scaled)[4], acc_t v0,
                                                      acc_t v1, acc_t v2, acc_t v3) {
-  return acc + scaled[0] * v0 + scaled[1] * v1 + scaled[2] * v2 + scaled[3] * v3;
+  return acc + (scaled[0] * v0 + scaled[1] * v1 + scaled[2] * v2 + scaled[3] * v3);
 }
 
 // Backward of one point from the dot products dot[i] = <grad_out, value at corner i> (0 for an

@@ -2,17 +2,18 @@
 // float for the 16-bit types).
 //
 // value is (B, S, nH, C), so the C channels of one sampled corner are contiguous: the inner
-// loops run over channels and vectorise (`omp simd`). On x86-64 Linux with GCC the row loops are
-// also compiled for Haswell (AVX2 + FMA) next to the baseline, chosen at load time
-// (target_clones), so the wheel still runs on older CPUs.
+// loops run over channels and vectorise (`omp simd`). On x86-64 the row loops are compiled for
+// AVX2 + FMA next to the baseline and picked at run time, so the wheel still runs on older CPUs.
 //
 // Forward: parallel over (batch, query) rows. Backward: parallel over (batch, head, level) tasks;
 // every task owns a disjoint slice of grad_value (the rows of its level, the channels of its
 // head) and of grad_sampling_locations / grad_attention_weights, so no atomics are needed.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -21,16 +22,40 @@
 #include "../ms_deform_attn.h"
 #include "../ms_deform_attn_sampling.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PANORAY_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#if defined(__x86_64__) && defined(__GNUC__)
+// Row loops are compiled twice: for AVX2 + FMA and for the baseline, picked at run time. (GCC's
+// target_clones("arch=haswell") would test for the Haswell model itself, not its features.)
+#define PANORAY_X86_DISPATCH 1
+#define PANORAY_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define PANORAY_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
-#define PANORAY_CPU_CLONES
+#define PANORAY_X86_DISPATCH 0
 #define PANORAY_ALWAYS_INLINE inline
+#endif
+
+#if defined(__GNUC__)
+#define PANORAY_PREFETCH(address, for_write) __builtin_prefetch((address), (for_write))
+#else
+#define PANORAY_PREFETCH(address, for_write) ((void)0)
 #endif
 
 namespace panoray {
 namespace {
+
+// How many queries ahead the backward loop prefetches its strided per-query data.
+constexpr int64_t kPrefetchQueries = 4;
+
+// Prefetches the bytes [p, p + bytes) a cache line at a time.
+inline void prefetch_span(const void* p, int64_t bytes, int for_write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) {
+    if (for_write) {
+      PANORAY_PREFETCH(c + i, 1);
+    } else {
+      PANORAY_PREFETCH(c + i, 0);
+    }
+  }
+}
 
 template <typename scalar_t>
 struct Inputs {
@@ -126,6 +151,16 @@ PANORAY_ALWAYS_INLINE void backward_tasks(const Inputs<scalar_t>& in, const scal
     for (int64_t q = 0; q < s.Q; ++q) {
       const scalar_t* __restrict__ g = grad_out + ((b * s.Q + q) * s.nH + h) * C;
       const int64_t point0 = (((b * s.Q + q) * s.nH + h) * s.L + l) * s.P;
+      if (q + kPrefetchQueries < s.Q) {
+        // This task reads and writes one small strided block per query; the hardware prefetcher
+        // does not follow such strides across pages.
+        const int64_t ahead = kPrefetchQueries * s.nH * s.L * s.P;
+        prefetch_span(in.locations + 2 * (point0 + ahead), 2 * s.P * sizeof(scalar_t), 0);
+        prefetch_span(in.attention + point0 + ahead, s.P * sizeof(scalar_t), 0);
+        prefetch_span(grad_locations + 2 * (point0 + ahead), 2 * s.P * sizeof(scalar_t), 1);
+        prefetch_span(grad_attention + point0 + ahead, s.P * sizeof(scalar_t), 1);
+        prefetch_span(g + kPrefetchQueries * s.nH * C, C * sizeof(scalar_t), 0);
+      }
       for (int64_t p = 0; p < s.P; ++p) {
         const int64_t point = point0 + p;
         const acc_t attention = static_cast<acc_t>(in.attention[point]);
@@ -181,44 +216,62 @@ PANORAY_ALWAYS_INLINE void backward_tasks(const Inputs<scalar_t>& in, const scal
   }
 }
 
-// Non-template entry points, one per dtype, so that target_clones can compile each twice.
-#define PANORAY_DEFINE_ROW_LOOPS(scalar_t, suffix)                                              \
-  PANORAY_CPU_CLONES void forward_rows_##suffix(const Inputs<scalar_t>& in, scalar_t* out,      \
-                                                int64_t begin, int64_t end) {                  \
+bool use_avx2() {
+#if PANORAY_X86_DISPATCH
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+// The row loops of one dtype, compiled for the baseline and (on x86-64) for AVX2 + FMA; the
+// *_any overloads pick one at run time.
+#if PANORAY_X86_DISPATCH
+#define PANORAY_DEFINE_AVX2_LOOPS(scalar_t, suffix)                                             \
+  PANORAY_TARGET_AVX2 void forward_rows_##suffix##_avx2(const Inputs<scalar_t>& in,             \
+                                                        scalar_t* out, int64_t begin,           \
+                                                        int64_t end) {                          \
     forward_rows<scalar_t>(in, out, begin, end);                                                \
   }                                                                                             \
-  PANORAY_CPU_CLONES void backward_tasks_##suffix(                                              \
+  PANORAY_TARGET_AVX2 void backward_tasks_##suffix##_avx2(                                      \
       const Inputs<scalar_t>& in, const scalar_t* grad_out,                                     \
       at::opmath_type<scalar_t>* grad_value_acc, scalar_t* grad_locations,                      \
       scalar_t* grad_attention, int64_t begin, int64_t end) {                                   \
     backward_tasks<scalar_t>(in, grad_out, grad_value_acc, grad_locations, grad_attention,      \
                              begin, end);                                                       \
   }
+#define PANORAY_CALL_AVX2(call) \
+  if (use_avx2()) return call;
+#else
+#define PANORAY_DEFINE_AVX2_LOOPS(scalar_t, suffix)
+#define PANORAY_CALL_AVX2(call)
+#endif
 
-PANORAY_DEFINE_ROW_LOOPS(double, f64)
-PANORAY_DEFINE_ROW_LOOPS(float, f32)
-PANORAY_DEFINE_ROW_LOOPS(c10::BFloat16, bf16)
-PANORAY_DEFINE_ROW_LOOPS(c10::Half, f16)
-#undef PANORAY_DEFINE_ROW_LOOPS
-
-// Overloads picking the entry point of a dtype inside AT_DISPATCH.
-#define PANORAY_PICK(scalar_t, suffix)                                                           \
+#define PANORAY_DEFINE_LOOPS(scalar_t, suffix)                                                  \
+  PANORAY_DEFINE_AVX2_LOOPS(scalar_t, suffix)                                                   \
   void forward_rows_any(const Inputs<scalar_t>& in, scalar_t* out, int64_t begin,               \
                         int64_t end) {                                                          \
-    forward_rows_##suffix(in, out, begin, end);                                                 \
+    PANORAY_CALL_AVX2(forward_rows_##suffix##_avx2(in, out, begin, end))                        \
+    forward_rows<scalar_t>(in, out, begin, end);                                                \
   }                                                                                             \
   void backward_tasks_any(const Inputs<scalar_t>& in, const scalar_t* grad_out,                 \
                           at::opmath_type<scalar_t>* grad_value_acc, scalar_t* grad_locations,  \
                           scalar_t* grad_attention, int64_t begin, int64_t end) {               \
-    backward_tasks_##suffix(in, grad_out, grad_value_acc, grad_locations, grad_attention,       \
-                            begin, end);                                                        \
+    PANORAY_CALL_AVX2(backward_tasks_##suffix##_avx2(in, grad_out, grad_value_acc,              \
+                                                     grad_locations, grad_attention, begin,     \
+                                                     end))                                      \
+    backward_tasks<scalar_t>(in, grad_out, grad_value_acc, grad_locations, grad_attention,      \
+                             begin, end);                                                       \
   }
 
-PANORAY_PICK(double, f64)
-PANORAY_PICK(float, f32)
-PANORAY_PICK(c10::BFloat16, bf16)
-PANORAY_PICK(c10::Half, f16)
-#undef PANORAY_PICK
+PANORAY_DEFINE_LOOPS(double, f64)
+PANORAY_DEFINE_LOOPS(float, f32)
+PANORAY_DEFINE_LOOPS(c10::BFloat16, bf16)
+PANORAY_DEFINE_LOOPS(c10::Half, f16)
+#undef PANORAY_DEFINE_LOOPS
+#undef PANORAY_DEFINE_AVX2_LOOPS
+#undef PANORAY_CALL_AVX2
 
 // Value checks of spatial_shapes / level_start_index (cheap on CPU): positive sizes, levels that
 // tile value's S axis in order, so that no corner can be read outside value.

@@ -14,9 +14,11 @@
 // spatial_shapes / level_start_index stay on the device and are not read on the host (no
 // synchronisation). The Python wrapper validates them eagerly; in the kernels a level whose
 // extent falls outside value is skipped, so inconsistent ones cannot read or write out of bounds.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
