@@ -146,6 +146,63 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="PQ of a segment output (or panoptic JSON) vs ground truth",
+                       description="Panoptic quality, identical to panopticapi's. PRED is a "
+                       "segment output URI (its Parquet rows are matched to ground-truth images "
+                       "by file name) or a COCO panoptic prediction JSON.")
+    p.add_argument("pred", help="segment output URI, or a prediction JSON")
+    p.add_argument("gt", help="ground-truth COCO panoptic JSON (its PNG folder is beside it)")
+    p.add_argument("--gt-folder", help="ground-truth PNG folder (default: JSON path minus .json)")
+    p.add_argument("--pred-folder", help="prediction PNG folder, for a prediction JSON")
+    p.add_argument("--out", help="also write the result as JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.evaluate import format_pq_table, pq_compute
+    from pipeline.evaluate_output import evaluate_output, results_json
+
+    if args.pred.endswith(".json"):
+        results = pq_compute(args.gt, args.pred, args.gt_folder, args.pred_folder, workers=1)
+        text, doc = format_pq_table(results), json.dumps(results, indent=2, default=str)
+    else:
+        evaluation = evaluate_output(args.pred, args.gt, args.gt_folder)
+        text, doc = evaluation.render(), results_json(evaluation)
+    print(text)
+    if args.out:
+        from pipeline.storage import get_filesystem
+
+        fs, path = get_filesystem(args.out)
+        fs.pipe_file(path, doc.encode())
+    return 0
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="overlay pictures + contact sheet from a segment output",
+                       description="Draw the segments of up to --limit images of a segment "
+                       "output over the original images, with class names and colours.")
+    p.add_argument("output", help="segment output URI")
+    p.add_argument("dst", help="folder/URI for the PNGs")
+    p.add_argument("--model", help="bundle whose config.json names and colours the classes")
+    p.add_argument("--categories", help="or a COCO JSON with categories")
+    p.add_argument("--limit", type=int, default=16)
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.show import show
+
+    summary = show(args.output, args.dst, model=args.model, categories=args.categories,
+                   limit=args.limit)
+    print(f"wrote {len(summary.written)} overlays and {summary.contact_sheet}")
+    if summary.skipped:
+        print(f"{len(summary.skipped)} original images could not be read; drawn on grey")
+    return 0
+
+
 def _add_submit(sub) -> None:
     p = sub.add_parser("submit", help="run a job spec on a running Ray cluster (Jobs API)",
                        description="Check SPEC locally, then submit it to the Ray cluster whose "
@@ -175,7 +232,8 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
         "fine-tuning with the same model code.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_segment, _add_synth, _add_convert, _add_submit, *extra):
+    for add in (_add_segment, _add_evaluate, _add_show, _add_synth, _add_convert,
+                _add_submit, *extra):
         add(sub)
     return parser
 
