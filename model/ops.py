@@ -54,6 +54,16 @@ def has_cuda_kernel() -> bool:
     )
 
 
+def _common_float(
+    value: Tensor, sampling_locations: Tensor, attention_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Promote the three float inputs to one dtype (as PyTorch's binary ops would)."""
+    dtype = torch.promote_types(
+        torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
+    )
+    return value.to(dtype), sampling_locations.to(dtype), attention_weights.to(dtype)
+
+
 def ms_deform_attn_reference(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -68,12 +78,9 @@ def ms_deform_attn_reference(
     """
     B, S, nH, C = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    dtype = torch.promote_types(
-        torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
+    value, sampling_locations, attention_weights = _common_float(
+        value, sampling_locations, attention_weights
     )
-    value = value.to(dtype)
-    sampling_locations = sampling_locations.to(dtype)
-    attention_weights = attention_weights.to(dtype)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     values = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
@@ -102,6 +109,8 @@ def _check_inputs(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    *,
+    check_level_values: bool,
 ) -> None:
     """Raise TypeError / ValueError with a one-sentence reason for inputs the op cannot take."""
     named = {
@@ -171,7 +180,12 @@ def _check_inputs(
         )
     # Value-dependent checks read spatial_shapes; skip them while tracing (torch.compile,
     # fake tensors), where the C++ kernel checks the same on CPU at run time.
-    if torch.compiler.is_compiling() or _is_fake(spatial_shapes) or _is_fake(level_start_index):
+    if (
+        not check_level_values
+        or torch.compiler.is_compiling()
+        or _is_fake(spatial_shapes)
+        or _is_fake(level_start_index)
+    ):
         return
     shapes = spatial_shapes.tolist()
     if any(h <= 0 or w <= 0 for h, w in shapes):
@@ -192,14 +206,6 @@ def _check_inputs(
         )
 
 
-def _common_float(value: Tensor, sampling_locations: Tensor, attention_weights: Tensor):
-    """Promote the three float inputs to one dtype (as PyTorch's binary ops would)."""
-    dtype = torch.promote_types(
-        torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
-    )
-    return value.to(dtype), sampling_locations.to(dtype), attention_weights.to(dtype)
-
-
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor,
@@ -207,6 +213,8 @@ def ms_deform_attn(
     sampling_locations: Tensor,
     attention_weights: Tensor,
     im2col_step: int = 64,
+    *,
+    check_level_values: bool = True,
 ) -> Tensor:
     """Multi-scale deformable attention (Deformable-DETR / Mask2Former semantics).
 
@@ -220,8 +228,20 @@ def ms_deform_attn(
     ``im2col_step`` is the number of batch elements per CUDA kernel launch (kept for
     compatibility with Deformable-DETR's signature); the CPU kernel ignores it.
     Differentiable with respect to value, sampling_locations and attention_weights.
+
+    ``check_level_values`` checks that spatial_shapes and level_start_index tile value's S axis;
+    on CUDA that reads them back to the host (a synchronisation). Pass False where they are
+    known to be right; the CUDA kernels still never read outside value, and the CPU kernel
+    always checks. The check is skipped while tracing (torch.compile, fake tensors).
     """
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check_inputs(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        check_level_values=check_level_values,
+    )
     if not isinstance(im2col_step, int) or im2col_step <= 0:
         raise ValueError(
             f"ms_deform_attn: im2col_step must be a positive int, got {im2col_step!r}."

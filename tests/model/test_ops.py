@@ -391,6 +391,18 @@ def test_bad_inputs_raise_clear_errors(case) -> None:
         ms_deform_attn(*make())
 
 
+def test_bad_im2col_step_raises() -> None:
+    s = sample_inputs()
+    with pytest.raises(ValueError, match="im2col_step"):
+        ms_deform_attn(*s.args(), 0)
+
+
+def test_cpu_kernel_checks_levels_even_when_python_does_not() -> None:
+    value, shapes, starts, loc, weights = _bad(level_start_index=lambda t: t + 1)()
+    with pytest.raises(RuntimeError, match="level_start_index"):
+        ms_deform_attn(value, shapes, starts, loc, weights, check_level_values=False)
+
+
 RAW_OP_BAD_INPUTS = {
     "non-contiguous value": (
         "contiguous",
