@@ -9,6 +9,7 @@ their own AWS credential chain (instance roles).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,12 +36,24 @@ def build_submission(spec: JobSpec, workdir: Path) -> dict:
     }
 
 
+def _use_token_if_available() -> None:
+    """Ray 2.60 clusters require a token by default; the Jobs client only sends one when
+    RAY_AUTH_MODE=token. Where the user has a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) and set no mode, send it."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def submit(spec_path: str, *, address: str, wait: bool = False, poll_s: float = 2.0,
            timeout_s: float | None = None) -> tuple[str, str | None]:
     """Submit the job; returns (submission id, final status if `wait` else None)."""
+    spec = load_spec(spec_path)
+    _use_token_if_available()  # before importing ray, which reads the mode once
     from ray.job_submission import JobSubmissionClient
 
-    spec = load_spec(spec_path)
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="panoray-submit-") as tmp:
         job_id = client.submit_job(**build_submission(spec, Path(tmp)))
