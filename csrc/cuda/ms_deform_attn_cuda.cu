@@ -1,12 +1,12 @@
 // CUDA kernels of panoray::ms_deform_attn: float32, float16, bfloat16 (and float64) inputs with
-// float32 (float64) accumulation, launched on the current stream.
+// float32 (float64) accumulation, launched on the current stream
+// (c10::cuda::getCurrentCUDAStream, the same stream as at::cuda::getCurrentCUDAStream).
 //
 // Forward: one thread per output element (b, q, head, channel); neighbouring threads read
-// neighbouring channels of a corner, so the loads coalesce. Backward: one thread per sampling
-// point (b, q, head, level, point); it loops over the channels, accumulates the four corner dot
-// products itself (so grad_sampling_locations / grad_attention_weights need no cross-thread
-// reduction) and atomically adds into grad_value, which is kept in the accumulation type (a
-// float32 buffer for 16-bit inputs, cast at the end).
+// neighbouring channels of a corner, so the loads coalesce. Backward: one warp per sampling
+// point (b, q, head, level, point), lanes over channels; it atomically adds into grad_value,
+// kept in the accumulation type (a float32 buffer for 16-bit inputs, cast at the end), and
+// reduces the four corner dot products across the warp for the point's own gradients.
 //
 // im2col_step: the batch is processed in chunks of im2col_step elements, one launch each (the
 // meaning it has in Deformable-DETR); results do not depend on it.
@@ -17,6 +17,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -33,7 +34,8 @@
 namespace panoray {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // a multiple of the warp size
+constexpr int kWarp = 32;
 
 int64_t num_blocks(int64_t n) {
   // Grid-stride loops cover the rest; 2^20 blocks keep every SM busy.
@@ -96,6 +98,10 @@ __global__ void forward_kernel(const scalar_t* __restrict__ value,
 }
 
 // Batch elements [b0, b0 + nb). grad_value_acc (B, S, nH, C) zero-initialised, accumulation type.
+// One warp per sampling point, its lanes over the channels: the atomics of a warp hit consecutive
+// addresses, and the four corner dot products are summed across the warp before
+// bilinear_point_grads (the order the CPU kernel uses too). Every lane of a warp walks the same
+// points, so the full-mask shuffles are safe.
 template <typename scalar_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad_out,
                                 const scalar_t* __restrict__ value,
@@ -110,41 +116,56 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = nb * s.Q * s.nH * s.L * s.P;
   const int64_t row_stride = s.nH * s.C;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(blockDim.x) * gridDim.x) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / kWarp;
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kWarp; i < n; i += warps) {
     const int64_t point = b0 * s.Q * s.nH * s.L * s.P + i;  // (b, q, h, l, p)
     const int64_t l = (point / s.P) % s.L;
     const int64_t row = point / (s.P * s.L);  // (b, q, h)
     const int64_t h = row % s.nH;
     const int64_t b = row / (s.nH * s.Q);
-    acc_t grad_attn = 0, grad_x = 0, grad_y = 0;
     int64_t level_h, level_w, start;
     BilinearPoint<acc_t> bp;
-    if (level_extent(spatial_shapes, level_start, l, s.S, level_h, level_w, start) &&
-        bilinear_point<acc_t>(static_cast<acc_t>(locations[2 * point]),
-                              static_cast<acc_t>(locations[2 * point + 1]), level_h, level_w,
-                              bp)) {
-      const acc_t attn = static_cast<acc_t>(attention[point]);
-      acc_t scaled[4];
-      attention_scaled_weights<acc_t>(bp, attn, scaled);
-      const int64_t level_offset = ((b * s.S + start) * s.nH + h) * s.C;
-      const scalar_t* g = grad_out + row * s.C;
-      acc_t dots[4] = {0, 0, 0, 0};
-      for (int64_t c = 0; c < s.C; ++c) {
-        const acc_t gc = static_cast<acc_t>(g[c]);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if (!bp.valid[k]) continue;
-          const int64_t idx = level_offset + bp.offset[k] * row_stride + c;
-          dots[k] += gc * static_cast<acc_t>(value[idx]);
-          atomicAdd(grad_value_acc + idx, scaled[k] * gc);
-        }
+    if (!(level_extent(spatial_shapes, level_start, l, s.S, level_h, level_w, start) &&
+          bilinear_point<acc_t>(static_cast<acc_t>(locations[2 * point]),
+                                static_cast<acc_t>(locations[2 * point + 1]), level_h, level_w,
+                                bp))) {
+      if (lane == 0) {
+        grad_attention[point] = scalar_t(0);
+        grad_locations[2 * point] = scalar_t(0);
+        grad_locations[2 * point + 1] = scalar_t(0);
       }
-      bilinear_point_grads<acc_t>(bp, dots, attn, level_h, level_w, grad_attn, grad_x, grad_y);
+      continue;
     }
-    grad_attention[point] = static_cast<scalar_t>(grad_attn);
-    grad_locations[2 * point] = static_cast<scalar_t>(grad_x);
-    grad_locations[2 * point + 1] = static_cast<scalar_t>(grad_y);
+    const acc_t attn = static_cast<acc_t>(attention[point]);
+    acc_t scaled[4];
+    attention_scaled_weights<acc_t>(bp, attn, scaled);
+    const int64_t level_offset = ((b * s.S + start) * s.nH + h) * s.C;
+    const scalar_t* g = grad_out + row * s.C;
+    acc_t dots[4] = {0, 0, 0, 0};
+    for (int64_t c = lane; c < s.C; c += kWarp) {
+      const acc_t gc = static_cast<acc_t>(g[c]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (!bp.valid[k]) continue;
+        const int64_t idx = level_offset + bp.offset[k] * row_stride + c;
+        dots[k] += gc * static_cast<acc_t>(value[idx]);
+        atomicAdd(grad_value_acc + idx, scaled[k] * gc);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+        dots[k] += __shfl_xor_sync(0xffffffffu, dots[k], offset);
+      }
+    }
+    if (lane == 0) {
+      acc_t grad_attn, grad_x, grad_y;
+      bilinear_point_grads<acc_t>(bp, dots, attn, level_h, level_w, grad_attn, grad_x, grad_y);
+      grad_attention[point] = static_cast<scalar_t>(grad_attn);
+      grad_locations[2 * point] = static_cast<scalar_t>(grad_x);
+      grad_locations[2 * point + 1] = static_cast<scalar_t>(grad_y);
+    }
   }
 }
 
@@ -155,7 +176,7 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   const MsDeformAttnSizes s = check_ms_deform_attn_args(
       value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step);
   const c10::cuda::CUDAGuard guard(value.device());
-  at::Tensor out = at::zeros({s.B, s.Q, s.nH * s.C}, value.options());
+  at::Tensor out = at::empty({s.B, s.Q, s.nH * s.C}, value.options());  // every element written
   if (out.numel() == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -193,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
           for (int64_t b0 = 0; b0 < s.B; b0 += im2col_step) {
             const int64_t nb = std::min(im2col_step, s.B - b0);
             backward_kernel<scalar_t>
-                <<<num_blocks(nb * s.Q * s.nH * s.L * s.P), kThreads, 0, stream>>>(
+                <<<num_blocks(nb * s.Q * s.nH * s.L * s.P * kWarp), kThreads, 0, stream>>>(
                     grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
                     spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
                     sampling_locations.data_ptr<scalar_t>(),
