@@ -163,15 +163,18 @@ def test_compiled_op_is_built() -> None:
     assert ops.has_compiled_op(), f"model._C did not import: {ops._IMPORT_ERROR}"
 
 
+def _nvcc_present() -> bool:
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return bool(shutil.which("nvcc")) or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+
+
+@pytest.mark.skipif(not _nvcc_present(), reason="no CUDA toolkit (nvcc): built without CUDA")
 @pytest.mark.skipif(
-    not (
-        os.environ.get("CUDA_HOME")
-        or shutil.which("nvcc")
-        or os.path.exists("/usr/local/cuda/bin/nvcc")
-    ),
-    reason="no CUDA toolkit (nvcc) here, so the extension is built without CUDA kernels",
+    os.environ.get("PANORAY_CUDA", "").strip() in ("0", "false", "no"),
+    reason="PANORAY_CUDA=0 builds the extension without CUDA kernels",
 )
 def test_cuda_kernels_were_compiled() -> None:
+    """With a toolkit here, `make test` built the CUDA kernels too (they compile, not run)."""
     assert ops.has_cuda_kernel()
     assert torch._C._dispatch_has_kernel_for_dispatch_key(
         "panoray::ms_deform_attn_backward", "CUDA"
