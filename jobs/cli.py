@@ -138,6 +138,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                             "--preset r50-coco-panoptic")
         from model.convert_detectron2 import convert_detectron2
 
+        _check_preset(args.preset)
         config, state_dict = convert_detectron2(args.src, preset=args.preset)
     net = build_model(config)
     load_state_dict_into(net, state_dict)
@@ -225,6 +226,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status in (None, "SUCCEEDED") else 1
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole product on synthetic data, in minutes",
+                       description="Synthetic archive -> model -> segment on a local Ray -> PQ "
+                       "-> overlays; prints where everything is.")
+    p.add_argument("--out", default="demo-out", help="where everything goes (default demo-out)")
+    p.add_argument("--train-steps", type=int, help="train tiny this many steps instead of "
+                   "using the shipped demo bundle")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    run_demo(out=args.out, train_steps=args.train_steps)
+    return 0
+
+
+def _check_preset(name: str) -> None:
+    from model.config import PRESETS
+
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+
+
 def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="panoray",
@@ -233,7 +258,7 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_segment, _add_evaluate, _add_show, _add_synth, _add_convert,
-                _add_submit, *extra):
+                _add_submit, _add_demo, *extra):
         add(sub)
     return parser
 
