@@ -91,6 +91,68 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0 if summary.images_failed == 0 or summary.images_ok > 0 else 1
 
 
+def _add_finetune(sub) -> None:
+    import dataclasses
+
+    from jobs.spec import FinetuneSpec
+
+    p = sub.add_parser("finetune", help="fine-tune on COCO-panoptic data with Ray Train (DDP)",
+                       description="Train a preset (random init) or a bundle on a COCO panoptic "
+                       "split at any URI; checkpoints go to --storage; re-running the same "
+                       "--name resumes from its latest checkpoint.")
+    p.add_argument("--spec", help="a finetune job spec (YAML); flags given here override it")
+    for f in dataclasses.fields(FinetuneSpec):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action="store_true", default=None)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        p.add_argument(flag, dest=f.name, type=kind, default=None,
+                       help=_field_help(FinetuneSpec, f.name))
+    p.set_defaults(func=cmd_finetune)
+
+
+def _field_help(cls, name: str) -> str | None:
+    """The comment beside a spec field, as its --help text."""
+    import inspect
+    import re
+
+    match = re.search(rf"^\s+{name}: [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    return match.group(1).replace("%", "%%") if match else None
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jobs.spec import FinetuneSpec, load_spec, parse_spec
+    from pipeline.train import run_finetune
+
+    fields: dict = {}
+    if args.spec:
+        spec = load_spec(args.spec)
+        if spec.kind != "finetune":
+            raise UserError(f"{args.spec} is a {spec.kind} spec; use `panoray {spec.kind}`")
+        fields = dict(vars(spec.args))
+    for f in dataclasses.fields(FinetuneSpec):
+        value = getattr(args, f.name)
+        if value is not None:
+            fields[f.name] = value
+    for key in ("train", "storage"):
+        if not fields.get(key):
+            raise UserError(f"finetune needs --{key} (or a --spec that sets {key!r})")
+    model = fields.get("model", "tiny")
+    if "://" not in model and "/" not in model:
+        _check_preset(model)
+    spec = parse_spec({"kind": "finetune", **fields}, source="command line")
+    result = run_finetune(**vars(spec.args))
+    metrics = result.get("metrics") or {}
+    print(f"finetune {result['name']}: step {result['step']} (started at "
+          f"{result['start_step']}); final bundle {result['final_bundle']}")
+    if "pq" in metrics:
+        print(f"PQ on val: {metrics['pq']:.3f}")
+    return 0
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic COCO-panoptic dataset",
                        description="Write a synthetic panoptic dataset (train and val splits, "
@@ -257,7 +319,7 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
         "fine-tuning with the same model code.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_segment, _add_evaluate, _add_show, _add_synth, _add_convert,
+    for add in (_add_segment, _add_finetune, _add_evaluate, _add_show, _add_synth, _add_convert,
                 _add_submit, _add_demo, *extra):
         add(sub)
     return parser
