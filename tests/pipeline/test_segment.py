@@ -69,6 +69,13 @@ def test_tar_shards_on_s3_to_parquet_on_s3(tmp_path, bundle, s3_bucket, s3_serve
     text = json.dumps(table.drop(["panoptic_png"]).to_pylist(), default=str)
     assert "testing-secret" not in text
 
+    # the scheduled re-run after a new shard arrived does that shard only
+    s3.put_object(Bucket=s3_bucket, Key="in/part-2.tar",
+                  Body=tar_shard({"k2_0.jpg": image_bytes(99)}))
+    later = run_segment(src=f"s3://{s3_bucket}/in", dst=dst, model=bundle, progress=False)
+    assert (later.shards_done, later.shards_skipped, later.images_ok) == (1, 2, 1)
+    assert read_output(dst).num_rows == 7
+
 
 def test_output_reads_back_without_panoray(tmp_path, bundle, ray_local):
     import duckdb
