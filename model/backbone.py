@@ -55,6 +55,9 @@ class ResNetBackbone(nn.Module):
         self.out_channels: dict[str, int] = dict(zip(FEATURE_NAMES, widths))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
+        # channels_last: oneDNN / cuDNN convolutions run without layout reorders, and the
+        # pixel decoder's flatten(2).transpose(1, 2) of these maps becomes free.
+        images = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (B, 64, H/4, W/4)
         res2 = self.layer1(x)
         res3 = self.layer2(res2)
@@ -123,7 +126,8 @@ class SwinBackbone(nn.Module):
     """torchvision Swin stages with a LayerNorm on each stage output (as detectron2's D2Swin).
 
     forward: images (B, 3, H, W) -> {"res2": (B, C, H/4, W/4), ..., "res5": (B, 8C, H/32, W/32)}
-    with H, W multiples of 32 (the model pads inputs before the backbone).
+    with H, W multiples of 32 (the model pads inputs before the backbone). Outputs are in
+    channels_last memory format (the ResNet's too).
     """
 
     def __init__(self, *, swin: SwinTransformer, embed_dim: int) -> None:
@@ -147,7 +151,7 @@ class SwinBackbone(nn.Module):
             if i > 0:
                 x = self.features[2 * i](x)  # patch merging: (B, h/2, w/2, 2c)
             x = self.features[2 * i + 1](x)  # stage i: (B, h, w, c)
-            outputs[name] = norms[i](x).permute(0, 3, 1, 2).contiguous()  # (B, c, h, w)
+            outputs[name] = norms[i](x).permute(0, 3, 1, 2)  # (B, c, h, w), channels_last
         return outputs
 
 

@@ -57,8 +57,13 @@ class MSDeformAttn(nn.Module):
         B, Q, C = query.shape
         nH, L, P = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value).view(B, value.shape[1], nH, C // nH)  # (B, S, nH, c)
-        offsets = self.sampling_offsets(query).view(B, Q, nH, L, P, 2)
-        weights = self.attention_weights(query).view(B, Q, nH, L * P)
+        # One GEMM for both projections of the query.
+        both = F.linear(query, torch.cat([self.sampling_offsets.weight,
+                                          self.attention_weights.weight]),
+                        torch.cat([self.sampling_offsets.bias, self.attention_weights.bias]))
+        offsets, weights = both.split([nH * L * P * 2, nH * L * P], dim=-1)
+        offsets = offsets.view(B, Q, nH, L, P, 2)
+        weights = weights.reshape(B, Q, nH, L * P)
         weights = weights.softmax(-1).view(B, Q, nH, L, P)
         normalizer = spatial_shapes.flip(-1)  # (L, 2) as (w, h)
         locations = (reference_points[:, :, None, None, None, :]
@@ -101,7 +106,7 @@ class MSDeformAttnEncoderLayer(nn.Module):
         """src (B, S, C); pos (1, S, C). Returns (B, S, C)."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
         src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout3(ffn))
 
 
@@ -171,7 +176,7 @@ class ConvNorm(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(super().forward(x))
-        return F.relu(x) if self.relu else x
+        return F.relu(x, inplace=True) if self.relu else x
 
 
 class MSDeformAttnPixelDecoder(nn.Module):

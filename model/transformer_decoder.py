@@ -88,7 +88,7 @@ class FFNLayer(nn.Module):
     def forward(self, tgt: Tensor) -> Tensor:
         """(B, Q, C) -> (B, Q, C)."""
         x = self.norm(tgt) if self.pre_norm else tgt
-        tgt = tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        tgt = tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True))))
         return tgt if self.pre_norm else self.norm(tgt)
 
 
@@ -103,7 +103,7 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)
         return x
 
 
@@ -171,7 +171,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         x = self.decoder_norm(output)
         logits = self.class_embed(x)
         embed = self.mask_embed(x)  # (B, Q, D)
-        masks = torch.einsum("bqc,bchw->bqhw", embed, mask_features)  # (B, Q, H, W)
+        B, D, H, W = mask_features.shape
+        masks = torch.bmm(embed, mask_features.flatten(2)).view(B, -1, H, W)  # (B, Q, H, W)
         if attn_size is None:
             return logits, masks, None
         small = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)

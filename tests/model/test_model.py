@@ -39,7 +39,8 @@ def test_real_coco_images_at_native_size(coco_sample, preset):
     torch.manual_seed(0)
     net = build_model(preset)
     cfg = net.config
-    for image in _load_images(coco_sample):
+    images = _load_images(coco_sample)
+    for image in images if preset == "tiny" else images[:1]:  # r50: one image keeps it quick
         h, w = image.shape[1:]
         with torch.inference_mode():
             out = net(image[None])
