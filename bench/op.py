@@ -125,14 +125,18 @@ def check_agreement(table: dict[str, Op], inputs: dict[str, torch.Tensor]) -> No
                 raise SystemExit(f"{name}: {what} differs from the reference by {err:.3g}")
 
 
-def median_seconds(fn: Callable[[], object], *, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_seconds(fns: dict[str, Callable[[], object]], *, repeats: int) -> dict[str, float]:
+    """Median wall time of each function. The functions take turns, round after round, so that
+    load from other processes on the machine falls on all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -145,31 +149,31 @@ def main() -> None:
     print(
         f"ms_deform_attn on CPU, float32, {torch.get_num_threads()} threads; batch 1, "
         f"{HEADS} heads x {CHANNELS} channels, 3 levels, {POINTS} points; median of "
-        f"{args.repeats} (ms)"
+        f"{args.repeats} (ms); ratios above 1: panoray is faster"
     )
     names = list(table)
     header = f"{'input':>9} {'pass':>8} " + " ".join(f"{n:>10}" for n in names)
-    header += f" {'vs ref':>7}" + (f" {'vs peer':>7}" if "peer" in table else "")
+    header += f" {'ref/ours':>9}" + (f" {'peer/ours':>9}" if "peer" in table else "")
     print(header)
     for size in INPUT_SIZES:
         inputs = encoder_inputs(size)
         check_agreement(table, inputs)
         for backward in (False, True):
-            times = {
-                name: median_seconds(
-                    lambda op=op, inputs=inputs, backward=backward: run_once(
+            times = median_seconds(
+                {
+                    name: lambda op=op, inputs=inputs, backward=backward: run_once(
                         op, inputs, backward=backward
-                    ),
-                    repeats=args.repeats,
-                )
-                for name, op in table.items()
-            }
+                    )
+                    for name, op in table.items()
+                },
+                repeats=args.repeats,
+            )
             ours = times["panoray"]
             line = f"{size:>4}x{size:<4} {'fwd+bwd' if backward else 'fwd':>8} "
             line += " ".join(f"{times[n] * 1e3:>10.1f}" for n in names)
-            line += f" {times['reference'] / ours:>6.1f}x"
+            line += f" {times['reference'] / ours:>8.1f}x"
             if "peer" in table:
-                line += f" {times['peer'] / ours:>6.2f}x"
+                line += f" {times['peer'] / ours:>8.2f}x"
             print(line, flush=True)
 
 
