@@ -4,7 +4,8 @@
     net = build_model(cfg); net.load_state_dict(state_dict)
 
 The folder holds `config.json` and `model.safetensors` (as written by `save_pretrained` or
-downloaded from the Hub), optionally `preprocessor_config.json` (pixel mean / std). Backbones:
+downloaded from the Hub; older `pytorch_model.bin` files are read tensors-only), optionally
+`preprocessor_config.json` (pixel mean / std). Backbones:
 HF ResNet (mapped onto torchvision's ResNet: stride in the 3x3 conv, i.e.
 `downsample_in_bottleneck=False`) and HF Swin (mapped onto torchvision's Swin).
 
@@ -163,10 +164,14 @@ def convert_hf(src_folder: str | Path, *,
     pre = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
     cfg = config_from_hf(hf, categories=categories, preprocessor=pre)
     weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found; save the HF model with "
-                                "save_pretrained(..., safe_serialization=True)")
-    return cfg, convert_hf_state_dict(load_file(str(weights)), cfg)
+    if weights.is_file():
+        state_dict = load_file(str(weights))
+    elif (folder / "pytorch_model.bin").is_file():  # older Hub checkpoints; tensors only
+        state_dict = torch.load(folder / "pytorch_model.bin", map_location="cpu",
+                                weights_only=True)
+    else:
+        raise FileNotFoundError(f"no model.safetensors (or pytorch_model.bin) in {folder}")
+    return cfg, convert_hf_state_dict(state_dict, cfg)
 
 
 def config_from_hf(hf: dict, *, categories: tuple[Category, ...] | None = None,
@@ -177,8 +182,8 @@ def config_from_hf(hf: dict, *, categories: tuple[Category, ...] | None = None,
     if list(hf.get("feature_strides", [4, 8, 16, 32])) != [4, 8, 16, 32]:
         raise ValueError(f"unsupported feature_strides {hf['feature_strides']}")
     pre = preprocessor or {}
-    mean = tuple(float(v) * 255 for v in pre.get("image_mean", (0.485, 0.456, 0.406)))
-    std = tuple(float(v) * 255 for v in pre.get("image_std", (0.229, 0.224, 0.225)))
+    mean = _to_255(pre.get("image_mean", (0.485, 0.456, 0.406)))
+    std = _to_255(pre.get("image_std", (0.229, 0.224, 0.225)))
     return Mask2FormerConfig(
         name=hf.get("_name_or_path") or "hf-import",
         categories=_categories(hf, categories),
@@ -198,6 +203,12 @@ def config_from_hf(hf: dict, *, categories: tuple[Category, ...] | None = None,
         pixel_mean=mean,
         pixel_std=std,
     )
+
+
+def _to_255(values) -> tuple[float, float, float]:
+    """HF processors give mean / std for 0..1 images; ours are for 0..255."""
+    values = [float(v) for v in values]
+    return tuple(v if max(values) > 1 else v * 255 for v in values)
 
 
 def _categories(hf: dict, override: tuple[Category, ...] | None) -> tuple[Category, ...]:

@@ -136,3 +136,18 @@ def test_unlabelled_checkpoint_asks_for_categories(tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="categories"):
         convert_hf(tmp_path)
+
+
+def test_config_reads_preprocessor_statistics_and_rejects_unknown_backbones():
+    from model.convert_hf import config_from_hf
+
+    hf = transformers.Mask2FormerConfig(
+        backbone_config=transformers.ResNetConfig(out_features=STAGES), num_labels=2,
+        thing_ids=[1]).to_dict()
+    cfg = config_from_hf(hf, preprocessor={"image_mean": [0.5, 0.25, 0.0],
+                                           "image_std": [0.5, 0.5, 1.0]})
+    assert cfg.pixel_mean == (127.5, 63.75, 0.0) and cfg.pixel_std == (127.5, 127.5, 255.0)
+    assert [c.isthing for c in cfg.categories] == [False, True]
+    hf["backbone_config"]["downsample_in_bottleneck"] = True
+    with pytest.raises(ValueError, match="downsample_in_bottleneck"):
+        config_from_hf(hf)
