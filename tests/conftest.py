@@ -22,7 +22,8 @@ def _free_port() -> int:
 def coco_sample() -> Path:
     """The two real COCO val2017 images with their panoptic ground truth."""
     if not SAMPLE_DIR.is_dir():
-        pytest.fail(f"COCO sample data not found at {SAMPLE_DIR}; it ships in shared/ beside the repo")
+        pytest.fail(f"COCO sample data not found at {SAMPLE_DIR}; it ships in shared/ beside "
+                    "the repo")
     return SAMPLE_DIR
 
 
