@@ -15,7 +15,7 @@ every decoder layer, then reports, for 384^2 and 512^2 inputs at batch 1 and 4:
 Inputs: ours gets RGB 0..255, HF the ImageNet-normalised tensor (as its image processor gives).
 The compiled deformable-attention op (model._C) must be built: `make setup`.
 
-Run: ``python bench/model.py [--repeats N] [--sizes 384 512] [--batches 1 4]``.
+Run: ``python bench/model.py [--repeats N] [--sizes 384 512] [--batches 1 4] [--threads T]``.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def peak_memory_child(kind: str, folder: Path, size: int, batch: int) -> None:
 
 def peak_memory(kind: str, folder: Path, size: int, batch: int) -> float:
     out = subprocess.run([sys.executable, __file__, "--memory-child", kind, str(folder),
-                          str(size), str(batch)], check=True, capture_output=True, text=True)
+                          str(size), str(batch), "--threads", str(torch.get_num_threads())],
+                         check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -142,8 +143,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[384, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, i.e. all cores); on a machine "
+                             "shared with other jobs, 1 thread gives steadier ratios")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         kind, folder, size, batch = args.memory_child
         peak_memory_child(kind, Path(folder), int(size), int(batch))
