@@ -90,8 +90,8 @@ def run_finetune(
     run_uri = join(storage, name)
     categories, reinit = _label_space(train, model)
     split = load_split(train, category_order=[c.id for c in categories])
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+    if not ray.is_initialized():  # no address: a Ray instance of our own, never a stray one
+        ray.init(address=address or "local")
     storage_fs, storage_path = _ray_storage(storage)
     start_step = latest_step(run_uri)
     if start_step:

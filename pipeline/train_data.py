@@ -332,7 +332,7 @@ def to_model_inputs(batch: Mapping[str, Any], *, size_divisibility: int = 32,
     targets = []
     for seg, labels in zip(batch["segments"], batch["labels"]):
         seg_t = torch.as_tensor(np.asarray(seg).astype(np.int64), device=device)
-        labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+        labels_t = torch.as_tensor(np.array(labels, dtype=np.int64), device=device)
         ids = torch.arange(1, len(labels_t) + 1, device=device)
         masks = torch.zeros((len(labels_t), padded, padded), dtype=torch.bool, device=device)
         masks[:, :size, :size] = seg_t[None] == ids[:, None, None]

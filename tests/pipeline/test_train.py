@@ -45,6 +45,15 @@ def ray_s3(s3_server, ray_local):
     return ray
 
 
+@pytest.fixture
+def one_thread():
+    """Train in this process on one thread: two threads on two busy cores stall each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def synth_local(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("synth")
@@ -56,16 +65,33 @@ def _params(uri: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in load_bundle_any(uri).state_dict().items()}
 
 
-def test_two_workers_on_s3_step_like_one_worker_with_the_whole_batch(ray_s3, s3_bucket,
-                                                                     tmp_path):
+def _single_process_run(train: str, *, steps: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """The same training as `run_finetune(**SMALL, deterministic_data=True)` with one worker,
+    in this process without Ray: the stream's first steps * batch_size examples in order."""
+    split = load_split(train)
+    net = initial_model(source="tiny", categories=split.categories, reinit_class_head=True,
+                        crop_size=SMALL["crop_size"], name="one", seed=SMALL["seed"]).train()
+    criterion = build_criterion(SMALL["loss"], num_classes=len(split.categories))
+    optimizer = build_optimizer(net, lr=SMALL["lr"])
+    scheduler = warmup_poly_scheduler(optimizer, total_steps=steps,
+                                      warmup_steps=SMALL["warmup_steps"])
+    lsj = LSJConfig(crop_size=SMALL["crop_size"])
+    for step in range(steps):
+        rows = [example_at(split, step * batch_size + i, lsj=lsj, seed=SMALL["seed"])
+                for i in range(batch_size)]
+        train_step(net=net, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+                   scaler=torch.amp.GradScaler("cpu", enabled=False), batch=_batch(rows),
+                   device=torch.device("cpu"), clip_grad=0.01)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_two_workers_on_s3_step_like_one_process_with_the_whole_batch(ray_s3, s3_bucket,
+                                                                     one_thread):
     data = f"s3://{s3_bucket}/synth"
     make_synthetic_dataset(data, num_train=6, num_val=2, image_size=(64, 64), seed=1)
-    common = dict(train=f"{data}/train", steps=3, checkpoint_every=2, deterministic_data=True,
-                  **SMALL)
-    two = run_finetune(storage=f"s3://{s3_bucket}/runs", name="ddp2", num_workers=2,
-                       batch_size=1, val=f"{data}/val", **common)
-    one = run_finetune(storage=str(tmp_path / "runs"), name="ddp1", num_workers=1,
-                       batch_size=2, **common)
+    two = run_finetune(train=f"{data}/train", val=f"{data}/val", storage=f"s3://{s3_bucket}/runs",
+                       name="ddp2", num_workers=2, batch_size=1, steps=3, checkpoint_every=2,
+                       deterministic_data=True, **SMALL)
 
     # Checkpoints, metrics and the final bundle landed on S3.
     fs, _ = get_filesystem(f"s3://{s3_bucket}")
@@ -82,12 +108,13 @@ def test_two_workers_on_s3_step_like_one_worker_with_the_whole_batch(ray_s3, s3_
     assert 0.0 <= last["pq"] <= 1.0 and last["images_per_s"] > 0 and last["lr"] >= 0
     assert two["final_bundle"] == f"s3://{s3_bucket}/runs/ddp2/final"
 
-    # DDP: 2 workers x batch 1 == 1 worker x batch 2, up to float reordering (which Adam's
+    # DDP: 2 workers x batch 1 == 1 process x batch 2, up to float reordering (which Adam's
     # normalisation amplifies for near-zero gradients: observed ~0.1% of the distance moved
     # and < lr / 20 per element; normalising by per-worker mask counts gives ~4% and ~lr).
     init = initial_model(source="tiny", categories=load_split(f"{data}/train").categories,
                          reinit_class_head=True, crop_size=64, name="x", seed=0).state_dict()
-    a, b = _params(two["final_bundle"]), _params(one["final_bundle"])
+    a = _params(two["final_bundle"])
+    b = _single_process_run(f"{data}/train", steps=3, batch_size=2)
     moved = sum(((a[k] - init[k]) ** 2).sum() for k in a).sqrt().item()
     apart = sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt().item()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -141,9 +168,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_local, synth_local, t
     assert load_bundle_any(result["final_bundle"]).config.num_classes == 8
 
 
-def test_a_few_steps_on_real_coco_images_lower_the_loss(coco_sample):
+def test_a_few_steps_on_real_coco_images_lower_the_loss(coco_sample, one_thread):
     split = load_split(str(coco_sample / "panoptic_examples.json"))
-    torch.set_num_threads(2)
     net = initial_model(source="tiny", categories=split.categories, reinit_class_head=True,
                         crop_size=128, name="coco", seed=0).train()
     assert net.config.num_classes == 133
@@ -153,8 +179,7 @@ def test_a_few_steps_on_real_coco_images_lower_the_loss(coco_sample):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     rows = [example_at(split, p, lsj=LSJConfig(crop_size=128, min_scale=0.5, max_scale=1.0),
                        seed=0) for p in range(2)]
-    batch = {k: np.array([r[k] for r in rows] if k != "labels" else
-                         _objects([r[k] for r in rows])) for k in rows[0]}
+    batch = _batch(rows)
     totals = []
     for _ in range(6):
         total, losses, images = train_step(
@@ -166,7 +191,30 @@ def test_a_few_steps_on_real_coco_images_lower_the_loss(coco_sample):
     assert totals[-1] < 0.9 * totals[0], totals
 
 
-def _objects(items: list) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out
+def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows of the example stream as one batch, as Ray Data hands them to a worker."""
+    batch = {k: np.array([r[k] for r in rows]) for k in rows[0] if k != "labels"}
+    batch["labels"] = np.empty(len(rows), dtype=object)
+    batch["labels"][:] = [r["labels"] for r in rows]
+    return batch
+
+
+def test_run_finetune_takes_every_finetune_spec_field():
+    import dataclasses
+    import inspect
+
+    from jobs.spec import FinetuneSpec
+
+    params = inspect.signature(run_finetune).parameters
+    assert {f.name for f in dataclasses.fields(FinetuneSpec)} <= set(params)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+
+
+def test_bad_settings_fail_before_any_work(tmp_path, synth_local):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        run_finetune(train=f"{synth_local}/train", storage=str(tmp_path), steps=0)
+    with pytest.raises(FileNotFoundError, match="one COCO panoptic JSON"):
+        run_finetune(train=str(tmp_path), storage=str(tmp_path), steps=1)
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        run_finetune(train=f"{synth_local}/train", storage=str(tmp_path), steps=1,
+                     model=str(tmp_path / "nothing"))
