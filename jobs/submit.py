@@ -47,6 +47,20 @@ def _use_token_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def _submit_with_retry(client, kwargs: dict, *, patience_s: float = 120.0) -> str:
+    """A head that has just started answers "no available agent" for a while: wait for it."""
+    deadline = time.monotonic() + patience_s
+    delay = 1.0
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def submit(spec_path: str, *, address: str, wait: bool = False, poll_s: float = 2.0,
            timeout_s: float | None = None) -> tuple[str, str | None]:
     """Submit the job; returns (submission id, final status if `wait` else None)."""
@@ -56,7 +70,7 @@ def submit(spec_path: str, *, address: str, wait: bool = False, poll_s: float = 
 
     client = JobSubmissionClient(address)
     with tempfile.TemporaryDirectory(prefix="panoray-submit-") as tmp:
-        job_id = client.submit_job(**build_submission(spec, Path(tmp)))
+        job_id = _submit_with_retry(client, build_submission(spec, Path(tmp)))
     if not wait:
         return job_id, None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
