@@ -228,12 +228,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import format_pq_table, pq_compute
     from pipeline.evaluate_output import evaluate_output, results_json
 
-    if args.pred.endswith(".json"):
-        results = pq_compute(args.gt, args.pred, args.gt_folder, args.pred_folder, workers=1)
-        text, doc = format_pq_table(results), json.dumps(results, indent=2, default=str)
-    else:
-        evaluation = evaluate_output(args.pred, args.gt, args.gt_folder)
-        text, doc = evaluation.render(), results_json(evaluation)
+    try:
+        if args.pred.endswith(".json"):
+            results = pq_compute(args.gt, args.pred, args.gt_folder, args.pred_folder, workers=1)
+            text, doc = format_pq_table(results), json.dumps(results, indent=2, default=str)
+        else:
+            evaluation = evaluate_output(args.pred, args.gt, args.gt_folder)
+            text, doc = evaluation.render(), results_json(evaluation)
+    except KeyError as e:  # predictions and ground truth disagree (ids, categories)
+        raise UserError(str(e.args[0] if e.args else e)) from None
     print(text)
     if args.out:
         from pipeline.storage import get_filesystem

@@ -44,8 +44,10 @@ def pack_archive(images_uri: str, archive_uri: str, *, per_shard: int = 8) -> in
 
 
 def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: int = 48,
-             seed: int = 7) -> dict:
-    """Run the demo into `out`; returns the paths and numbers it printed."""
+             seed: int = 7, model: str | None = None) -> dict:
+    """Run the demo into `out`; returns the paths and numbers it printed.
+
+    `model` replaces the shipped bundle (a bundle over the synthetic label space)."""
     from pipeline.evaluate_output import evaluate_output, results_json
     from pipeline.segment import run_segment
     from pipeline.show import show
@@ -68,9 +70,11 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
                               name="demo", steps=train_steps, num_workers=1, crop_size=128,
                               checkpoint_every=max(train_steps // 2, 1))
         model = result["final_bundle"]
-    else:
+    elif model is None:
         model = str(SHIPPED_MODEL)
         print(f"[2/5] model: the shipped bundle {model} (see its README for how it was made)")
+    else:
+        print(f"[2/5] model: {model}")
 
     print(f"[3/5] segmenting {archive} -> {segments} on a local Ray")
     summary = run_segment(src=archive, dst=segments, model=model, batch_size=4)
