@@ -57,8 +57,9 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
     data, archive = join(out, "synthetic"), join(out, "archive")
     segments, overlays = join(out, "segments"), join(out, "overlays")
     print(f"[1/5] synthetic dataset -> {data}")
-    make_synthetic_dataset(data, num_train=(200 if train_steps else 0), num_val=num_val,
-                           image_size=(128, 128), seed=seed)
+    # 96 px: the size the shipped model was trained at (jobs/demo_model/README.md)
+    make_synthetic_dataset(data, num_train=(1000 if train_steps else 0), num_val=num_val,
+                           image_size=(96, 96), seed=seed)
     n = pack_archive(join(data, "val", "images"), archive)
     print(f"      {n} images packed into tar shards under {archive}")
 
@@ -67,7 +68,9 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
 
         print(f"[2/5] training tiny for {train_steps} steps (panoray finetune)")
         result = run_finetune(train=join(data, "train"), storage=join(out, "runs"),
-                              name="demo", steps=train_steps, num_workers=1, crop_size=128,
+                              name="demo", steps=train_steps, num_workers=2, crop_size=96,
+                              lr=5e-4, backbone_lr_multiplier=1.0, warmup_steps=20,
+                              min_scale=0.5, max_scale=1.5,
                               checkpoint_every=max(train_steps // 2, 1))
         model = result["final_bundle"]
     elif model is None:

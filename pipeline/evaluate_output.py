@@ -99,7 +99,7 @@ def evaluate_output(output_uri: str, gt_json_uri: str, gt_folder: str | None = N
     evaluation = OutputEvaluation(results=pq_results(stat, gt.categories),
                                   images_gt=len(by_stem), images_matched=len(predicted),
                                   images_missing=missing, rows_unmatched=unmatched)
-    log.info("PQ of %s:\n%s", output_uri, evaluation.render())
+    log.debug("PQ of %s:\n%s", output_uri, evaluation.render())
     return evaluation
 
 

@@ -84,8 +84,9 @@ def contact_sheet(pictures: Sequence[Image.Image], *, columns: int = 4,
     rows = -(-len(pictures) // columns)
     sheet = Image.new("RGB", (columns * thumb, rows * thumb), (32, 32, 32))
     for i, pic in enumerate(pictures):
-        small = pic.copy()
-        small.thumbnail((thumb, thumb))
+        scale = thumb / max(pic.size)  # small pictures are enlarged to fill their cell
+        small = pic.resize((max(1, round(pic.width * scale)), max(1, round(pic.height * scale))),
+                           Image.Resampling.LANCZOS)
         x = (i % columns) * thumb + (thumb - small.width) // 2
         y = (i // columns) * thumb + (thumb - small.height) // 2
         sheet.paste(small, (x, y))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from jobs.demo import run_demo
-from model.bundle import save_bundle
+from jobs.demo import SHIPPED_MODEL, run_demo
+from model.bundle import load_bundle, save_bundle
 from model.config import Category, get_config
 from model.mask2former import build_model
 from pipeline.synth import SYNTH_CATEGORIES
@@ -38,3 +38,9 @@ def test_demo_writes_archive_output_pq_and_overlays(tmp_path, ray_local, capsys)
     for step in ("[1/5]", "[3/5]", "[5/5]", "Done in"):
         assert step in printed
 
+
+
+def test_shipped_demo_model_covers_the_synthetic_label_space():
+    net = load_bundle(str(SHIPPED_MODEL))
+    assert {c.id for c in net.config.categories} == {c["id"] for c in SYNTH_CATEGORIES}
+    assert (SHIPPED_MODEL / "README.md").read_text().count("run_finetune") >= 1
