@@ -5,8 +5,9 @@ architecture (ResNet-50, 133 classes, 100 queries, 6 + 9 layers) and seeded rand
 converts it with `model.convert_hf`, checks that both give the same class and mask logits for
 every decoder layer, then reports, for 384^2 and 512^2 inputs at batch 1 and 4:
 
-- throughput: images / s from the median of `--repeats` timed forwards (after one warm-up),
-  ours and HF's interleaved so that load on a shared machine hits both alike;
+- throughput: images / s from the fastest of `--repeats` timed forwards (after one warm-up;
+  other load on the machine only ever adds time), ours and HF's interleaved so that load on
+  a shared machine hits both alike;
   `torch.inference_mode()`, float32, torch's default thread count;
 - peak memory: the rise of the process's peak resident set (VmHWM - VmRSS before) over the
   first forward in a fresh process that has just loaded the model, i.e. activations,
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,7 +98,7 @@ def check_equal(ours, ours_in, hf, hf_in) -> float:
 
 
 def time_both(models: dict, size: int, batch: int, repeats: int) -> dict[str, float]:
-    """Median seconds per forward for each model, runs interleaved."""
+    """Fastest seconds per forward for each model, runs interleaved."""
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(3)) * 255
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
@@ -110,7 +110,7 @@ def time_both(models: dict, size: int, batch: int, repeats: int) -> dict[str, fl
                 start = time.perf_counter()
                 net(**inputs)
                 times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def _rss_kib(field: str) -> int:
@@ -164,7 +164,7 @@ def main() -> None:
         worst = check_equal(*models["ours"], *models["hf"])
         print(f"outputs agree: max |ours - hf| over all 10 predictions = {worst:.1e}")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-              f"median of {args.repeats}; peak = rise of VmHWM over a fresh process's first "
+              f"best of {args.repeats}; peak = rise of VmHWM over a fresh process's first "
               "forward\n")
         header = ("| input | batch | ours img/s | HF img/s | speed-up | ours peak MiB "
                   "| HF peak MiB | memory ratio |")
