@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,22 +30,54 @@ def _port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """`ray start --head` on 127.0.0.1; yields the dashboard URL; `ray stop` after."""
+    """`ray start --head --block` on 127.0.0.1 with ports of its own; yields the dashboard URL.
+
+    Its own ports keep it apart from any other local Ray (e.g. the session's `ray_local`),
+    and it is stopped by ending its process group: `ray stop` would stop every Ray here.
+    """
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    dash = _port()
-    start = subprocess.run(
-        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_port()}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--num-cpus=2", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stderr[-2000:]
+    dash, gcs = _port(), _port()
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--include-dashboard=true", f"--dashboard-agent-listen-port={_port()}",
+         f"--dashboard-agent-grpc-port={_port()}", f"--runtime-env-agent-port={_port()}",
+         f"--metrics-export-port={_port()}", f"--node-manager-port={_port()}",
+         f"--object-manager-port={_port()}", "--num-cpus=2", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers (401 with Ray's token auth): the dashboard is up
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield url
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # `ray start` left the address of this (now gone) head for ray.init() to find
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and f":{gcs}" in current.read_text():
+            current.unlink()
 
 
 @pytest.mark.slow
