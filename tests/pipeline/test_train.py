@@ -40,7 +40,7 @@ def ray_s3(s3_server, ray_local):
 
     if ray.get(endpoint.remote()) != s3_server:
         ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, _node_ip_address="127.0.0.1")
     return ray
 
