@@ -27,7 +27,6 @@ import os
 import resource
 import socket
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -59,16 +58,6 @@ def _images(n: int, size: int) -> list[bytes]:
         picture.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 class TreeMemory:
@@ -126,6 +115,7 @@ def main() -> None:
     from model.ops import has_compiled_op
     from pipeline.decode import decode_image
     from pipeline.predictor import PanopticPredictor
+    from pipeline.source_tar import tar_bytes
 
     s3 = boto3.client("s3", endpoint_url=endpoint)
     s3.create_bucket(Bucket="bench")
@@ -142,7 +132,7 @@ def main() -> None:
                    for i in range(start, min(start + args.per_shard, len(images)))}
         half = "a" if start < len(images) // 2 else "b"
         s3.put_object(Bucket="bench", Key=f"archive/{half}/shard-{start:05d}.tar",
-                      Body=_tar(members))
+                      Body=tar_bytes(members))
     threads = os.cpu_count() or 1
     print(f"{args.preset} at {args.size}x{args.size}, {args.images} images, {threads} threads, "
           f"compiled op: {has_compiled_op()}")

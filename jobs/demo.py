@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 import time
 from pathlib import Path
 
+from pipeline.source_tar import tar_bytes
 from pipeline.storage import get_filesystem, join
 
 log = logging.getLogger(__name__)
@@ -31,15 +30,9 @@ def pack_archive(images_uri: str, archive_uri: str, *, per_shard: int = 8) -> in
     out_fs, out_root = get_filesystem(archive_uri)
     out_fs.makedirs(out_root, exist_ok=True)
     for start in range(0, len(names), per_shard):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for path in names[start:start + per_shard]:
-                data = fs.cat_file(path)
-                info = tarfile.TarInfo(path.rsplit("/", 1)[-1])
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+        members = {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in names[start:start + per_shard]}
         out_fs.pipe_file(f"{out_root.rstrip('/')}/shard-{start // per_shard:05d}.tar",
-                         buf.getvalue())
+                         tar_bytes(members))
     return len(names)
 
 

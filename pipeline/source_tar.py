@@ -13,6 +13,7 @@ This check needs the uncompressed offset, so it is made for plain ``.tar`` files
 
 from __future__ import annotations
 
+import io
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,3 +121,14 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, (tarfile.ReadError, EOFError)):
         return f"not a readable tar ({error})"
     return f"{type(error).__name__}: {error}"
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """A WebDataset-style tar shard holding `members` (name -> bytes), in the given order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

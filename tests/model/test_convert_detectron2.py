@@ -59,23 +59,6 @@ class SetsState:
         _touch(state["path"])
 
 
-@pytest.fixture(scope="module")
-def tiny_net():
-    torch.manual_seed(0)
-    return build_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(2)) * 255
-
-
-@pytest.fixture(scope="module")
-def tiny_outputs(tiny_net, images):
-    with torch.no_grad():
-        return tiny_net(images)
-
-
 def write_pickle(path, payload, protocol=4):
     path.write_bytes(pickle.dumps(payload, protocol=protocol))
     return str(path)

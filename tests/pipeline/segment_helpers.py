@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.source_tar import tar_bytes
 from pipeline.storage import get_filesystem
 
 
@@ -40,13 +40,7 @@ def write_images(folder: Path, names: list[str], *, seed: int = 0) -> None:
 
 
 def tar_shard(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return tar_bytes(members)
 
 
 def read_output(dst: str) -> pa.Table:
