@@ -1,6 +1,7 @@
 """Run by test_segment_failures: a segment job on a 3-node local cluster that loses a node.
 
-Usage: python multinode_segment.py SRC DST BUNDLE. Prints one JSON line with what happened.
+Usage: python multinode_segment.py SRC DST BUNDLE REPORT. Writes what happened as JSON to REPORT
+(not stdout: the raylets of the killed node share this process's stdout and print to it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ray.cluster_utils import Cluster
 from pipeline.segment import run_segment
 
 
-def main(src: str, dst: str, bundle: str) -> None:
+def main(src: str, dst: str, bundle: str, report: str) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
@@ -41,11 +42,12 @@ def main(src: str, dst: str, bundle: str) -> None:
     threading.Thread(target=kill_a_node_after_first_commit, daemon=True).start()
     summary = run_segment(src=src, dst=dst, model=bundle, files_per_shard=2, batch_size=2,
                           num_actors=1, threads_per_actor=1, progress=False)
-    print(json.dumps({"killed": killed, "shards_done": summary.shards_done,
-                      "images_ok": summary.images_ok, "images_failed": summary.images_failed}))
+    Path(report).write_text(json.dumps({
+        "killed": killed, "shards_done": summary.shards_done,
+        "images_ok": summary.images_ok, "images_failed": summary.images_failed}))
     ray.shutdown()
     cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -78,11 +78,12 @@ def test_worker_node_lost_mid_run_still_gives_each_input_once(tmp_path):
     names = [f"d{i // 2}/img{i:02d}.jpg" for i in range(12)]
     for i, name in enumerate(names):
         write_images(src / Path(name).parent, [Path(name).name], seed=i)
+    report_file = tmp_path / "report.json"
     run = subprocess.run([sys.executable, str(HERE / "multinode_segment.py"), str(src), str(dst),
-                          bundle], env=_env(), cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+                          bundle, str(report_file)], env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = json.loads(report_file.read_text())
     assert "at" in report["killed"], "no node was killed"
     assert report["killed"]["committed_before"] < 6 + 1
     ids = read_output(str(dst)).column("image_id").to_pylist()
