@@ -113,11 +113,11 @@ class PanopticPredictor:
         for batch in plan_batches(sizes, batch_size=self.batch_size, divisibility=div):
             padded = _padded((max(sizes[i][0] for i in batch), max(sizes[i][1] for i in batch)),
                              div)
-            x = torch.zeros((len(batch), 3, *padded), dtype=torch.float32)
+            canvas = np.zeros((len(batch), 3, *padded), dtype=np.float32)
             for row, i in enumerate(batch):
                 h, w = sizes[i]
-                x[row, :, :h, :w] = torch.from_numpy(np.ascontiguousarray(images[i])).permute(
-                    2, 0, 1)
+                canvas[row, :, :h, :w] = images[i].transpose(2, 0, 1)  # read-only input is fine
+            x = torch.from_numpy(canvas)
             # Pad-value pixels are masked out below by cropping; the model normalises first
             # and pads with zeros itself, so mark our padding as the mean colour (-> 0).
             x = self._fill_padding(x, [sizes[i] for i in batch])
