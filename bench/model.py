@@ -14,6 +14,10 @@ every decoder layer, then reports, for 384^2 and 512^2 inputs at batch 1 and 4:
   workspaces and allocator growth, not the weights.
 
 Inputs: ours gets RGB 0..255, HF the ImageNet-normalised tensor (as its image processor gives).
+Each runs its inference forward: ours `net(images, aux_outputs=False)` (what `PanopticPredictor`
+runs: the earlier layers' masks only at attention resolution), HF's `model(pixel_values=...)`
+(which always makes every layer's full-resolution masks). The check covers both of ours: all
+10 predictions of the full forward, and the inference forward's last one, against HF's.
 The compiled deformable-attention op (model._C) must be built: `make setup`.
 
 Run: ``python bench/model.py [--repeats N] [--sizes 384 512] [--batches 1 4] [--threads T]``.
@@ -70,7 +74,7 @@ def load(kind: str, folder: Path):
         cfg, state_dict = convert_hf(folder)
         net = build_model(cfg)
         net.load_state_dict(state_dict)
-        return net.eval(), lambda x: {"images": x}
+        return net.eval(), lambda x: {"images": x, "aux_outputs": False}
     import transformers
 
     hf = transformers.Mask2FormerForUniversalSegmentation.from_pretrained(folder).eval()
@@ -80,16 +84,20 @@ def load(kind: str, folder: Path):
 
 
 def check_equal(ours, ours_in, hf, hf_in) -> float:
-    """Largest difference over every layer's class and mask logits (raises if > 1e-3)."""
+    """Largest difference over every layer's class and mask logits, and the inference
+    forward's (raises if > 1e-3)."""
     x = torch.rand(1, 3, 384, 384, generator=torch.Generator().manual_seed(2)) * 255
     with torch.inference_mode():
-        a = ours(**ours_in(x))
+        a = ours(**{**ours_in(x), "aux_outputs": True})
+        fast = ours(**ours_in(x))
         b = hf(**hf_in(x), output_auxiliary_logits=True)
     mine = [(p["pred_logits"], p["pred_masks"]) for p in a["aux_outputs"]]
     mine.append((a["pred_logits"], a["pred_masks"]))
     theirs = [(p["class_queries_logits"], p["masks_queries_logits"]) for p in b.auxiliary_logits]
     theirs.append((b.class_queries_logits, b.masks_queries_logits))
     assert len(mine) == len(theirs) == 10
+    mine.append((fast["pred_logits"], fast["pred_masks"]))
+    theirs.append(theirs[-1])
     worst = max(max((c - rc).abs().max().item(), (m - rm).abs().max().item())
                 for (c, m), (rc, rm) in zip(mine, theirs))
     if worst > 1e-3:
@@ -162,7 +170,8 @@ def main() -> None:
         make_hf_checkpoint(folder)
         models = {"ours": load("ours", folder), "hf": load("hf", folder)}
         worst = check_equal(*models["ours"], *models["hf"])
-        print(f"outputs agree: max |ours - hf| over all 10 predictions = {worst:.1e}")
+        print(f"outputs agree: max |ours - hf| over all 10 predictions and the inference "
+              f"forward = {worst:.1e}")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
               f"best of {args.repeats}; peak = rise of VmHWM over a fresh process's first "
               "forward\n")

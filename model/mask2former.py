@@ -2,6 +2,7 @@
 
     net = build_model("r50-coco-panoptic")        # random weights
     out = net(images)                             # images (B, 3, H, W) float RGB 0..255
+    out = net(images, aux_outputs=False)          # inference: the last prediction only
 
 Parameter names (state-dict keys) follow the reference detectron2 checkpoints where the module
 is the same, and torchvision's inside the backbone:
@@ -65,9 +66,9 @@ class MaskFormerHead(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.predictor = predictor
 
-    def forward(self, features: dict[str, Tensor]) -> dict:
+    def forward(self, features: dict[str, Tensor], *, aux_outputs: bool = True) -> dict:
         mask_features, multi_scale = self.pixel_decoder(features)
-        return self.predictor(multi_scale, mask_features)
+        return self.predictor(multi_scale, mask_features, aux_outputs=aux_outputs)
 
 
 class Mask2Former(nn.Module):
@@ -88,10 +89,14 @@ class Mask2Former(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1),
                              persistent=False)
 
-    def forward(self, images: Tensor) -> dict:
+    def forward(self, images: Tensor, *, aux_outputs: bool = True) -> dict:
         """images (B, 3, H, W) float, RGB 0..255. Returns
         pred_logits (B, Q, K+1), pred_masks (B, Q, H_pad/4, W_pad/4), and aux_outputs: the same
-        pair for every earlier prediction (learnable queries first)."""
+        pair for every earlier prediction (learnable queries first).
+
+        aux_outputs=False is for inference, where only the last prediction counts: the earlier
+        ones are not made at full resolution and "aux_outputs" is an empty list (see
+        `MultiScaleMaskedTransformerDecoder.forward`)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = (images - self.pixel_mean) / self.pixel_std
@@ -100,7 +105,7 @@ class Mask2Former(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))  # zeros after normalising, as the reference
         features = self.backbone(x)
-        return self.sem_seg_head(features)
+        return self.sem_seg_head(features, aux_outputs=aux_outputs)
 
 
 # ---------------------------------------------------------------------------------- builders

@@ -65,9 +65,10 @@ class MSDeformAttn(nn.Module):
         offsets = offsets.view(B, Q, nH, L, P, 2)
         weights = weights.reshape(B, Q, nH, L * P)
         weights = weights.softmax(-1).view(B, Q, nH, L, P)
-        normalizer = spatial_shapes.flip(-1)  # (L, 2) as (w, h)
-        locations = (reference_points[:, :, None, None, None, :]
-                     + offsets / normalizer[None, None, None, :, None, :])  # (B, Q, nH, L, P, 2)
+        # float32 (w, h) per level: exact for any map size, also when offsets are bf16
+        normalizer = spatial_shapes.flip(-1).to(reference_points.dtype)  # (L, 2)
+        locations = torch.addcdiv(reference_points[:, :, None, None, None, :], offsets,
+                                  normalizer[None, None, None, :, None, :])  # (B, Q, nH, L, P, 2)
         dtype = op_dtype(value.device.type, value.dtype)
         out = ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index,
                              locations.to(dtype), weights.to(dtype))  # (B, Q, C)
@@ -160,7 +161,9 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             for lvl, (h, w) in enumerate(shapes)])[None]  # (1, S, C)
         memory = self.encoder(flat, pos, shapes)  # (B, S, C)
         maps = memory.split([h * w for h, w in shapes], dim=1)
-        return [m.transpose(1, 2).reshape(B, C, h, w) for m, (h, w) in zip(maps, shapes)]
+        # channels_last views (B, C, h, w) of the (B, hw, C) rows: no copy here, and none when
+        # the transformer decoder flattens them back.
+        return [m.unflatten(1, (h, w)).permute(0, 3, 1, 2) for m, (h, w) in zip(maps, shapes)]
 
 
 class ConvNorm(nn.Conv2d):

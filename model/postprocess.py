@@ -6,7 +6,7 @@ detectron2's `sem_seg_postprocess` for undoing the padding and resizing), so tha
 PQ match the published models. Additions: every panoptic segment carries its class `score`,
 `area` and COCO `bbox`, and only the queries a task can use are upsampled.
 
-    out = net(images)                                         # padded batch (B, 3, Hp, Wp)
+    out = net(images, aux_outputs=False)                      # padded batch (B, 3, Hp, Wp)
     results = postprocess_batch(
         pred_logits=out["pred_logits"], pred_masks=out["pred_masks"],
         input_sizes=[(h, w), ...], output_sizes=[(H, W), ...],

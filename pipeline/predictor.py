@@ -122,7 +122,7 @@ class PanopticPredictor:
             # and pads with zeros itself, so mark our padding as the mean colour (-> 0).
             x = self._fill_padding(x, [sizes[i] for i in batch])
             with self._autocast():
-                out = self.model(x.to(self.device, non_blocking=True))
+                out = self.model(x.to(self.device, non_blocking=True), aux_outputs=False)
             done = postprocess_batch(
                 pred_logits=out["pred_logits"].float(), pred_masks=out["pred_masks"].float(),
                 input_sizes=[sizes[i] for i in batch], output_sizes=[outs[i] for i in batch],

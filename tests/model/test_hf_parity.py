@@ -64,6 +64,10 @@ def _compare(hf, tmp_path, images, categories=None, *, backbone_only_check=True)
                 torch.testing.assert_close(mine[name], t, atol=1e-4, rtol=1e-4)
         ref = hf(pixel_values=hf_in, output_auxiliary_logits=True)
         out = ours(images)
+        fast = ours(images, aux_outputs=False)  # inference: last prediction only
+    assert fast["aux_outputs"] == []
+    assert (fast["pred_logits"] - ref.class_queries_logits).abs().max() < 1e-4
+    assert (fast["pred_masks"] - ref.masks_queries_logits).abs().max() < 1e-4
     ref_preds = [(a["class_queries_logits"], a["masks_queries_logits"])
                  for a in ref.auxiliary_logits]
     ref_preds.append((ref.class_queries_logits, ref.masks_queries_logits))

@@ -54,6 +54,19 @@ def test_real_coco_images_at_native_size(coco_sample, preset):
             assert all(not torch.equal(a, b) for a, b in zip(masks, masks[1:]))
 
 
+def test_inference_path_gives_the_full_paths_last_prediction(coco_sample):
+    """aux_outputs=False makes the earlier attention masks from resized mask features instead
+    of resizing full-resolution masks: the same linear arithmetic in another order."""
+    torch.manual_seed(0)
+    net = build_model("tiny")
+    for image in _load_images(coco_sample):
+        with torch.inference_mode():
+            full, fast = net(image[None]), net(image[None], aux_outputs=False)
+        assert fast["aux_outputs"] == [] and len(full["aux_outputs"]) > 0
+        torch.testing.assert_close(fast["pred_logits"], full["pred_logits"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast["pred_masks"], full["pred_masks"], atol=1e-5, rtol=0)
+
+
 def test_padding_happens_after_normalisation():
     """Padding inside the model equals padding the input with the pixel mean (zero once
     normalised): the reference's ImageList pads normalised images with 0."""
