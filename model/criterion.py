@@ -140,6 +140,9 @@ class SetCriterion(nn.Module):
             if class_weight_sum is None
             else torch.as_tensor(class_weight_sum, dtype=torch.float32, device=device)
         )
+        # Float masks on the predictions' device once, not once per layer in matcher and loss.
+        targets = [{**t, "masks": t["masks"].to(device=device, dtype=torch.float32)}
+                   for t in targets]
         layers = [(outputs, "")]
         if self.deep_supervision:
             layers += [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]

@@ -198,4 +198,8 @@ def build_model(config: str | Mask2FormerConfig) -> Mask2Former:
                                           mask_dim=cfg.pixel_decoder.mask_dim,
                                           num_classes=cfg.num_classes)
     head = MaskFormerHead(pixel_decoder=pixel_decoder, predictor=predictor)
-    return Mask2Former(config=cfg, backbone=backbone, sem_seg_head=head).eval()
+    net = Mask2Former(config=cfg, backbone=backbone, sem_seg_head=head)
+    # Convolution weights in the channels_last layout of the activations: otherwise every
+    # convolution reorders its weight in the forward and its weight gradient in the backward.
+    # (Loading a state dict copies into these tensors and keeps the layout.)
+    return net.to(memory_format=torch.channels_last).eval()

@@ -29,10 +29,10 @@ NON_FINITE_COST = (
 def pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
     """(Q, N) mean sigmoid BCE of (Q, P) logits against (N, P) targets in [0, 1], same points."""
     num_points = logits.shape[1]
-    # BCE(x, t) = t * BCE(x, 1) + (1 - t) * BCE(x, 0): two matmuls instead of a Q x N x P tensor.
-    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    return (pos @ targets.T + neg @ (1 - targets).T) / num_points
+    # BCE(x, t) = t * softplus(-x) + (1 - t) * softplus(x) = softplus(x) - t * x, since
+    # softplus(-x) = softplus(x) - x: one matmul and one softplus instead of a Q x N x P tensor.
+    neg = F.softplus(logits)  # BCE(x, 0)
+    return (neg.sum(-1, keepdim=True) - logits @ targets.T) / num_points
 
 
 def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:

@@ -118,7 +118,9 @@ def uncertain_point_coords_with_randomness(
         (num_masks, num_sampled), device=coarse_logits.device, generator=generator
     )  # (R, kP, 2)
     uncertainty = uncertainty_fn(point_sample(coarse_logits, candidates))  # (R, 1, kP)
-    top = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1).indices  # (R, beta P)
+    # Unsorted: the losses sum over points, so only which points are kept matters (about
+    # twice as fast as a sorted top-k on the CPU).
+    top = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
     chosen = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))  # (R, beta P, 2)
     if num_random == 0:
         return chosen
