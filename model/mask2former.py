@@ -41,6 +41,7 @@ from model.backbone import FEATURE_NAMES, FEATURE_STRIDES, build_backbone
 from model.config import Mask2FormerConfig, PixelDecoderConfig, TransformerDecoderConfig, get_config
 from model.pixel_decoder import (
     ConvNorm,
+    GroupNorm,
     MSDeformAttn,
     MSDeformAttnEncoder,
     MSDeformAttnEncoderLayer,
@@ -124,7 +125,7 @@ def build_pixel_decoder(cfg: PixelDecoderConfig,
     input_proj = []
     for name in reversed(levels):  # coarsest first
         proj = nn.Sequential(nn.Conv2d(in_channels[name], d, kernel_size=1),
-                             nn.GroupNorm(cfg.norm_groups, d))
+                             GroupNorm(cfg.norm_groups, d))
         nn.init.xavier_uniform_(proj[0].weight)
         nn.init.zeros_(proj[0].bias)
         input_proj.append(proj)
@@ -141,9 +142,9 @@ def build_pixel_decoder(cfg: PixelDecoderConfig,
         encoder=MSDeformAttnEncoder(layers=layers), num_levels=len(levels), dim=d)
     fpn_levels = [n for n in FEATURE_NAMES
                   if cfg.common_stride <= FEATURE_STRIDES[n] < FEATURE_STRIDES[levels[0]]]
-    lateral = [ConvNorm(in_channels[n], d, kernel_size=1, norm=nn.GroupNorm(cfg.norm_groups, d),
+    lateral = [ConvNorm(in_channels[n], d, kernel_size=1, norm=GroupNorm(cfg.norm_groups, d),
                         relu=False) for n in fpn_levels]
-    output = [ConvNorm(d, d, kernel_size=3, norm=nn.GroupNorm(cfg.norm_groups, d), relu=True)
+    output = [ConvNorm(d, d, kernel_size=3, norm=GroupNorm(cfg.norm_groups, d), relu=True)
               for _ in fpn_levels]
     if len(levels) + len(fpn_levels) < NUM_FEATURE_LEVELS:
         raise ValueError("the pixel decoder must produce at least 3 feature maps; add levels to "

@@ -166,6 +166,24 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         return [m.unflatten(1, (h, w)).permute(0, 3, 1, 2) for m, (h, w) in zip(maps, shapes)]
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that trains fast on channels_last maps.
+
+    PyTorch's CPU GroupNorm backward is several times slower on channels_last inputs than on
+    contiguous ones (30 ms vs 4 ms for 2 x 64 x 128 x 128 here). When a gradient will flow, the
+    norm runs on a contiguous copy and hands back channels_last; the copies cost far less.
+    Same parameters, same arithmetic.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and x.dim() == 4
+                and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return y.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 class ConvNorm(nn.Conv2d):
     """A Conv2d followed by a norm and an optional ReLU (detectron2's `Conv2d(norm=...)`)."""
 
