@@ -58,6 +58,9 @@ class SegmentSummary:
         return "\n".join(lines)
 
 
+IO_NICE = 10  # priority drop of read / decode / encode tasks beside CPU-only predictors
+
+
 @dataclass
 class Resources:
     num_actors: int
@@ -212,13 +215,15 @@ def _build_dataset(pending, *, model, model_id, config, batch_size, max_pixels, 
     inf = config.inference
     ds = ray.data.from_items([{"shard": dataclasses.asdict(s)} for s in pending],
                              override_num_blocks=max(1, len(pending)))
-    ds = ds.flat_map(read_shard)
+    # CPU-only predictors: the I/O tasks run at a lower priority than the model's threads.
+    nice = IO_NICE if res.gpus_per_actor == 0 else 0
+    ds = ds.flat_map(read_shard, fn_kwargs={"nice": nice})
     # Decoding gets its own CPU tasks (fractional CPUs keep it from being fused into the
     # predictor actors, where it would stall the model).
     # Small batches keep rows moving: a shard commits as soon as its last row is through.
     ds = ds.map_batches(decode_stage, batch_size=4, batch_format="numpy", num_cpus=0.5,
                         fn_kwargs={"min_size": inf.min_size, "max_size": inf.max_size,
-                                   "max_pixels": max_pixels})
+                                   "max_pixels": max_pixels, "nice": nice})
     ds = ds.map_batches(
         PanopticPredictor,
         fn_constructor_args=(model,),
@@ -230,7 +235,7 @@ def _build_dataset(pending, *, model, model_id, config, batch_size, max_pixels, 
         num_cpus=res.cpus_per_actor,
     )
     return ds.map_batches(encode_stage, batch_size=None, batch_format="numpy",
-                          fn_kwargs={"model_id": model_id})
+                          fn_kwargs={"model_id": model_id, "nice": nice})
 
 
 def _drain(ds, *, store: OutputStore, lock: WriterLock, summary: SegmentSummary,

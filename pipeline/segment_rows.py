@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,8 +29,28 @@ IMAGE, END = "image", "end"
 _PASS_THROUGH = ("image_id", "image_uri", "shard", "kind", "end_count")
 
 
-def read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+_niced = False
+
+
+def yield_cpu(nice: int) -> None:
+    """Lower this worker process's CPU priority by `nice`, once per process (0: leave it).
+
+    On a CPU-only node the predictor's threads and the I/O tasks share the cores; every time
+    a task preempts one thread of a multi-threaded torch op, the whole op waits. A lower
+    priority for the tasks keeps the model's threads running and the tasks in the gaps.
+    """
+    global _niced
+    if nice > 0 and not _niced:
+        _niced = True
+        try:
+            os.nice(nice)
+        except OSError:  # not permitted here: run at normal priority
+            log.debug("could not lower the priority of an I/O worker", exc_info=True)
+
+
+def read_shard(row: dict[str, Any], *, nice: int = 0) -> Iterator[dict[str, Any]]:
     """One shard (``row["shard"]``) -> one record per image, then its end marker."""
+    yield_cpu(nice)
     fields = dict(row["shard"])
     fields["members"] = tuple(fields.get("members") or ())
     shard = Shard(**fields)
@@ -50,8 +71,9 @@ def read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def decode_stage(batch: dict[str, Any], *, min_size: int | None, max_size: int | None,
-                 max_pixels: int) -> dict[str, Any]:
+                 max_pixels: int, nice: int = 0) -> dict[str, Any]:
     """Decode and resize images to the model's test size; end markers pass untouched."""
+    yield_cpu(nice)
     # An all-null column reaches us as NaN floats: only real messages count as read errors.
     batch = dict(batch)
     batch["error"] = [_message(e) for e in batch["error"]]
@@ -66,8 +88,9 @@ def decode_stage(batch: dict[str, Any], *, min_size: int | None, max_size: int |
     return {k: _as_array(v) for k, v in out.items()}
 
 
-def encode_stage(batch: dict[str, Any], *, model_id: str) -> dict[str, Any]:
+def encode_stage(batch: dict[str, Any], *, model_id: str, nice: int = 0) -> dict[str, Any]:
     """Predictions -> output columns (COCO panoptic PNG + segments_info) plus routing columns."""
+    yield_cpu(nice)
     n = len(batch["image_id"])
     now = dt.datetime.now(dt.timezone.utc)
     pngs: list[bytes | None] = []

@@ -147,3 +147,16 @@ def test_regrouped_loose_files_leave_no_duplicates(tmp_path):
     ids = [i for key in store.committed_keys() for i in store.image_ids(key)]
     assert sorted(ids) == sorted(m for s in after for m in s.members)
     assert all(shard_key(s.id) in store.committed_keys() for s in after)
+
+
+def test_io_workers_lower_their_priority_once():
+    """yield_cpu drops a process's priority by the asked amount the first time only."""
+    import subprocess
+    import sys
+
+    code = ("import os; from pipeline.segment_rows import yield_cpu; "
+            "before = os.getpriority(os.PRIO_PROCESS, 0); yield_cpu(3); yield_cpu(3); "
+            "print(os.getpriority(os.PRIO_PROCESS, 0) - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "3"
