@@ -36,6 +36,11 @@ def test_local_round_trip_reproduces_outputs_and_config(tmp_path, tiny_net, tiny
     assert loaded.config == tiny_net.config
     assert not loaded.training
     assert_same_outputs(tiny_outputs, loaded, images)
+    # Convolution weights keep the activations' channels_last layout after a load (no
+    # per-call reorders); the bundle itself stores plain contiguous tensors.
+    convs = [m for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last)
+                         for m in convs)
     assert loaded.model_id == model_id == tiny_net.model_id == bundle_id(uri)
     assert model_id.startswith("tiny-test@") and len(model_id.split("@")[1]) == 12
     manifest = json.loads((tmp_path / "bundle" / "config.json").read_text())
