@@ -172,7 +172,7 @@ class GroupNorm(nn.GroupNorm):
     PyTorch's CPU GroupNorm backward is several times slower on channels_last inputs than on
     contiguous ones (30 ms vs 4 ms for 2 x 64 x 128 x 128 here). When a gradient will flow, the
     norm runs on a contiguous copy and hands back channels_last; the copies cost far less.
-    Same parameters, same arithmetic.
+    Same parameters and formula (only the summation order of the statistics may differ).
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -157,20 +157,22 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
             for size in sizes]  # (B, D, h_l, w_l) per level
 
-        num_layers = len(self.transformer_cross_attention_layers)
-        predictions = []
-        allowed = self._attention_mask(output, mask_features, sizes[0], small_features, 0,
-                                       predictions)
-        for i in range(num_layers):
+        predictions = []  # full (class logits, mask logits) before each layer; aux only
+        for i in range(len(self.transformer_cross_attention_layers)):
             lvl = i % NUM_FEATURE_LEVELS
+            # Each layer attends where the prediction from its input queries says.
+            if small_features is None:
+                logits, masks = self._predict(output, mask_features)
+                predictions.append((logits, masks))
+                small = F.interpolate(masks, size=sizes[lvl], mode="bilinear",
+                                      align_corners=False)
+            else:
+                small = _masks(self.mask_embed(self.decoder_norm(output)), small_features[lvl])
+            allowed = _attention_mask(small)
             output = self.transformer_cross_attention_layers[i](
                 output, memories[lvl], positions[lvl], query_pos, allowed)
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
-            if i + 1 < num_layers:
-                nxt = (i + 1) % NUM_FEATURE_LEVELS
-                allowed = self._attention_mask(output, mask_features, sizes[nxt],
-                                               small_features, nxt, predictions)
         logits, masks = self._predict(output, mask_features)
         return {
             "pred_logits": logits,
@@ -184,23 +186,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         embed = self.mask_embed(x)  # (B, Q, D)
         return self.class_embed(x), _masks(embed, mask_features)
 
-    def _attention_mask(self, output: Tensor, mask_features: Tensor, size: tuple[int, int],
-                        small_features: list[Tensor] | None, lvl: int,
-                        predictions: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """The cross-attention mask for the next layer from the current queries, (B, 1, Q, h*w)
-        bool, True = may attend. With `small_features` None, the full prediction is made and
-        appended to `predictions`; otherwise only the masks at `size`, from those features."""
-        if small_features is None:
-            logits, masks = self._predict(output, mask_features)
-            predictions.append((logits, masks))
-            small = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-        else:
-            small = _masks(self.mask_embed(self.decoder_norm(output)), small_features[lvl])
-        # sigmoid >= 0.5, not logit >= 0: they differ for tiny negative logits in float.
-        allowed = (small.sigmoid().flatten(2) >= 0.5).detach()  # (B, Q, hw)
-        # A query with an empty mask attends everywhere rather than nowhere.
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
-        return allowed[:, None]
+
+def _attention_mask(masks: Tensor) -> Tensor:
+    """Mask logits (B, Q, h, w) -> cross-attention mask (B, 1, Q, h*w) bool, True = may attend."""
+    # sigmoid >= 0.5, not logit >= 0: they differ for tiny negative logits in float.
+    allowed = (masks.sigmoid().flatten(2) >= 0.5).detach()  # (B, Q, hw)
+    # A query with an empty mask attends everywhere rather than nowhere.
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed[:, None]
 
 
 def _masks(embed: Tensor, features: Tensor) -> Tensor:

@@ -39,7 +39,6 @@ def test_demo_writes_archive_output_pq_and_overlays(tmp_path, ray_local, capsys)
         assert step in printed
 
 
-
 def test_shipped_demo_model_covers_the_synthetic_label_space():
     net = load_bundle(str(SHIPPED_MODEL))
     assert {c.id for c in net.config.categories} == {c["id"] for c in SYNTH_CATEGORIES}
