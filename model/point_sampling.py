@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.ops import has_compiled_op
+
 
 def point_sample(
     input: Tensor,
@@ -75,6 +77,14 @@ def random_points(
     return torch.rand(size, generator=generator, device=generator.device).to(device)
 
 
+def _compiled_selection(coarse_logits: Tensor) -> bool:
+    """Whether `panoray::most_uncertain_points` (CPU, float32) can pick the points: the same
+    set as grid_sample + top-k + gather, in one pass (bench: about 1.7x faster on 37632
+    candidates a mask)."""
+    return (coarse_logits.device.type == "cpu" and coarse_logits.dtype == torch.float32
+            and coarse_logits.shape[1] == 1 and has_compiled_op())
+
+
 def uncertain_point_coords_with_randomness(
     coarse_logits: Tensor,
     *,
@@ -101,7 +111,9 @@ def uncertain_point_coords_with_randomness(
         generator: source of randomness (the global RNG when None).
 
     Returns:
-        (R, P, 2) points in [0, 1], (x, y) order; the first int(beta * P) are the uncertain ones.
+        (R, P, 2) points in [0, 1], (x, y) order; the first int(beta * P) are the uncertain ones
+        (in no particular order: candidate order from the compiled op on CPU float32 with the
+        default uncertainty_fn, top-k order otherwise).
     """
     if oversample_ratio < 1:
         raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}; use 1 to disable")
@@ -117,11 +129,15 @@ def uncertain_point_coords_with_randomness(
     candidates = random_points(
         (num_masks, num_sampled), device=coarse_logits.device, generator=generator
     )  # (R, kP, 2)
-    uncertainty = uncertainty_fn(point_sample(coarse_logits, candidates))  # (R, 1, kP)
-    # Unsorted: the losses sum over points, so only which points are kept matters (about
-    # twice as fast as a sorted top-k on the CPU).
-    top = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
-    chosen = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))  # (R, beta P, 2)
+    if uncertainty_fn is logit_uncertainty and _compiled_selection(coarse_logits):
+        chosen = torch.ops.panoray.most_uncertain_points(
+            coarse_logits[:, 0], candidates, num_uncertain)
+    else:
+        uncertainty = uncertainty_fn(point_sample(coarse_logits, candidates))  # (R, 1, kP)
+        # Unsorted: the losses sum over points, so only which points are kept matters (about
+        # twice as fast as a sorted top-k on the CPU).
+        top = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
+        chosen = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
     if num_random == 0:
         return chosen
     fill = random_points((num_masks, num_random), device=coarse_logits.device, generator=generator)

@@ -21,17 +21,8 @@
 
 #include "../ms_deform_attn.h"
 #include "../ms_deform_attn_sampling.h"
+#include "x86_dispatch.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// Row loops are compiled twice: for AVX2 + FMA and for the baseline, picked at run time. (GCC's
-// target_clones("arch=haswell") would test for the Haswell model itself, not its features.)
-#define PANORAY_X86_DISPATCH 1
-#define PANORAY_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define PANORAY_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define PANORAY_X86_DISPATCH 0
-#define PANORAY_ALWAYS_INLINE inline
-#endif
 
 #if defined(__GNUC__)
 #define PANORAY_PREFETCH(address, for_write) __builtin_prefetch((address), (for_write))
@@ -214,15 +205,6 @@ PANORAY_ALWAYS_INLINE void backward_tasks(const Inputs<scalar_t>& in, const scal
       }
     }
   }
-}
-
-bool use_avx2() {
-#if PANORAY_X86_DISPATCH
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
 }
 
 // The row loops of one dtype, compiled for the baseline and (on x86-64) for AVX2 + FMA; the

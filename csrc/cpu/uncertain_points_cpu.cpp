@@ -1,0 +1,207 @@
+// panoray::most_uncertain_points (CPU): the importance-sampling step of the Mask2Former loss in
+// one pass per mask.
+//
+// For each of R masks, read the (h, w) logit map bilinearly at K candidate points (zero padding,
+// align_corners=False: pixel coordinate x * w - 0.5, the arithmetic of F.grid_sample on a grid
+// 2 * x - 1) and return the k candidates whose |logit| is smallest, i.e. whose -|logit|
+// uncertainty is highest, in candidate order. The Python path (grid_sample, top-k, gather) reads
+// the same values and keeps the same set; this one never builds the (R, K) uncertainty tensor or
+// the index tensors and selects with nth_element instead of a heap. A NaN logit counts as the
+// most uncertain, as torch.topk ranks NaN above every number. Ties at the k-th value go to the
+// earliest candidates.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "x86_dispatch.h"
+
+namespace panoray {
+namespace {
+
+// Pixel coordinates beyond this read zero whatever the map size (keeps the integer cast defined).
+constexpr float kFar = 1e9f;
+
+// The bilinear read of one (h, w) map at normalised (x, y), as grid_sample computes it.
+__attribute__((noinline)) float read_bilinear(const float* map, int64_t h, int64_t w, float x, float y) {
+  const float ix = ((2.0f * x - 1.0f + 1.0f) * static_cast<float>(w) - 1.0f) / 2.0f;
+  const float iy = ((2.0f * y - 1.0f + 1.0f) * static_cast<float>(h) - 1.0f) / 2.0f;
+  if (!(std::fabs(ix) < kFar && std::fabs(iy) < kFar)) return 0.0f;  // far outside, or NaN
+  // floor without a libm call (the baseline x86-64 target has no rounding instruction)
+  int64_t x0 = static_cast<int64_t>(ix);
+  int64_t y0 = static_cast<int64_t>(iy);
+  x0 -= ix < static_cast<float>(x0);
+  y0 -= iy < static_cast<float>(y0);
+  const float tx = ix - static_cast<float>(x0);
+  const float ty = iy - static_cast<float>(y0);
+  const bool in_x0 = x0 >= 0 && x0 < w;
+  const bool in_x1 = x0 + 1 >= 0 && x0 + 1 < w;
+  const bool in_y0 = y0 >= 0 && y0 < h;
+  const bool in_y1 = y0 + 1 >= 0 && y0 + 1 < h;
+  float value = 0.0f;
+  if (in_y0) {
+    const float* row = map + y0 * w;
+    if (in_x0) value += row[x0] * ((1.0f - tx) * (1.0f - ty));
+    if (in_x1) value += row[x0 + 1] * (tx * (1.0f - ty));
+  }
+  if (in_y1) {
+    const float* row = map + (y0 + 1) * w;
+    if (in_x0) value += row[x0] * ((1.0f - tx) * ty);
+    if (in_x1) value += row[x0 + 1] * (tx * ty);
+  }
+  return value;
+}
+
+// An unsigned key ordering candidates from most to least uncertain: 0 for NaN, then |v| + 1 by
+// its bit pattern (for non-negative floats the bit patterns sort as the numbers do).
+PANORAY_ALWAYS_INLINE uint32_t order_key(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return v == v ? (bits & 0x7fffffffu) + 1 : 0u;
+}
+
+// The k-th smallest (1-based) of n keys, by radix selection on an 11-bit then a 21-bit digit: a
+// histogram of the top digit over all keys, then only the keys in the bucket holding the k-th
+// are copied to `scratch` and resolved there (11 + 10 bits). No data-dependent swaps, unlike
+// nth_element, whose partitioning mispredicts on random data. `ties` receives how many keys
+// equal to the result belong to the k smallest.
+uint32_t kth_smallest(const uint32_t* keys, int64_t n, int64_t k, int64_t* ties,
+                      std::vector<uint32_t>& scratch) {
+  std::vector<int64_t> hist(2048, 0);
+  for (int64_t j = 0; j < n; ++j) ++hist[keys[j] >> 21];
+  int64_t rank = k;  // wanted rank among the keys that share the digits found so far
+  uint32_t top = 0;
+  while (rank > hist[top]) rank -= hist[top++];
+  scratch.clear();
+  for (int64_t j = 0; j < n; ++j) {
+    if ((keys[j] >> 21) == top) scratch.push_back(keys[j]);
+  }
+  uint32_t prefix = top << 21, prefix_mask = 0x7ffu << 21;
+  for (const auto& [shift, digit_mask] : {std::pair<int, uint32_t>{10, 0x7ffu}, {0, 0x3ffu}}) {
+    std::fill(hist.begin(), hist.end(), 0);
+    for (const uint32_t key : scratch) {
+      if ((key & prefix_mask) == prefix) ++hist[(key >> shift) & digit_mask];
+    }
+    uint32_t digit = 0;
+    while (rank > hist[digit]) rank -= hist[digit++];
+    prefix |= digit << shift;
+    prefix_mask |= digit_mask << shift;
+  }
+  *ties = rank;
+  return prefix;
+}
+
+// Scores of K candidates on one map: order_key of the bilinear read at each. `padded` is the map
+// with a ring of zeros, (h + 2) x (w + 2): the four corners of any point inside the map's
+// extent (give or take half a pixel) lie in it, so the loop needs no bounds tests; other points
+// take read_bilinear.
+PANORAY_ALWAYS_INLINE void score_loop(const float* map, const float* padded, int64_t h, int64_t w,
+                                      const float* cand, int64_t K, uint32_t* keys) {
+  const int64_t pw = w + 2;
+  const float fw = static_cast<float>(w), fh = static_cast<float>(h);
+  for (int64_t j = 0; j < K; ++j) {
+    const float x = cand[2 * j], y = cand[2 * j + 1];
+    const float ix = ((2.0f * x - 1.0f + 1.0f) * fw - 1.0f) / 2.0f;
+    const float iy = ((2.0f * y - 1.0f + 1.0f) * fh - 1.0f) / 2.0f;
+    float v;
+    if (ix >= -1.0f && ix < fw && iy >= -1.0f && iy < fh) {
+      // ix, iy >= -1: truncating ix + 1 gives floor(ix) + 1, the column in `padded`
+      const int64_t px = static_cast<int64_t>(ix + 1.0f);
+      const int64_t py = static_cast<int64_t>(iy + 1.0f);
+      const float tx = ix - static_cast<float>(px - 1);
+      const float ty = iy - static_cast<float>(py - 1);
+      const float* top = padded + py * pw + px;
+      const float* bottom = top + pw;
+      v = top[0] * ((1.0f - tx) * (1.0f - ty)) + top[1] * (tx * (1.0f - ty)) +
+          bottom[0] * ((1.0f - tx) * ty) + bottom[1] * (tx * ty);
+    } else {
+      v = read_bilinear(map, h, w, x, y);
+    }
+    keys[j] = order_key(v);
+  }
+}
+
+#if PANORAY_X86_DISPATCH
+PANORAY_TARGET_AVX2 void score_loop_avx2(const float* map, const float* padded, int64_t h,
+                                         int64_t w, const float* cand, int64_t K, uint32_t* keys) {
+  score_loop(map, padded, h, w, cand, K, keys);
+}
+#endif
+
+void score_candidates(const float* map, int64_t h, int64_t w, const float* cand, int64_t K,
+                      float* padded, uint32_t* keys) {
+  const int64_t pw = w + 2;
+  std::fill(padded, padded + (h + 2) * pw, 0.0f);
+  for (int64_t y = 0; y < h; ++y) {
+    std::copy(map + y * w, map + (y + 1) * w, padded + (y + 1) * pw + 1);
+  }
+#if PANORAY_X86_DISPATCH
+  if (use_avx2()) return score_loop_avx2(map, padded, h, w, cand, K, keys);
+#endif
+  score_loop(map, padded, h, w, cand, K, keys);
+}
+
+at::Tensor most_uncertain_points_cpu(const at::Tensor& logits, const at::Tensor& candidates,
+                                     int64_t k) {
+  TORCH_CHECK(logits.dim() == 3, "most_uncertain_points: logits must be (R, h, w), got shape ",
+              logits.sizes(), ".");
+  TORCH_CHECK(candidates.dim() == 3 && candidates.size(2) == 2,
+              "most_uncertain_points: candidates must be (R, K, 2), got shape ",
+              candidates.sizes(), ".");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && candidates.scalar_type() == at::kFloat,
+              "most_uncertain_points: logits and candidates must be float32, got ",
+              logits.scalar_type(), " and ", candidates.scalar_type(), ".");
+  const int64_t R = logits.size(0), h = logits.size(1), w = logits.size(2);
+  const int64_t K = candidates.size(1);
+  TORCH_CHECK(candidates.size(0) == R, "most_uncertain_points: ", R, " logit maps but ",
+              candidates.size(0), " candidate sets.");
+  TORCH_CHECK(k >= 0 && k <= K, "most_uncertain_points: k must be in [0, ", K, "], got ", k,
+              ".");
+  const at::Tensor maps = logits.contiguous();
+  const at::Tensor points = candidates.contiguous();
+  at::Tensor out = at::empty({R, k, 2}, points.options());
+  if (R == 0 || k == 0) return out;
+  const float* maps_data = maps.const_data_ptr<float>();
+  const float* points_data = points.const_data_ptr<float>();
+  float* out_data = out.mutable_data_ptr<float>();
+
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> keys(K), scratch;
+    std::vector<float> padded((h + 2) * (w + 2));
+    for (int64_t r = begin; r < end; ++r) {
+      const float* cand = points_data + r * K * 2;
+      score_candidates(maps_data + r * h * w, h, w, cand, K, padded.data(), keys.data());
+      int64_t ties = 0;
+      const uint32_t kth = kth_smallest(keys.data(), K, k, &ties, scratch);
+      // Every key below the k-th is taken, then the first `ties` candidates equal to it.
+      float* dst = out_data + r * k * 2;
+      for (int64_t j = 0, n = 0; j < K && n < k; ++j) {
+        if (keys[j] < kth || (keys[j] == kth && ties-- > 0)) {
+          dst[2 * n] = cand[2 * j];
+          dst[2 * n + 1] = cand[2 * j + 1];
+          ++n;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(panoray, m) {
+  m.def("most_uncertain_points(Tensor logits, Tensor candidates, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(panoray, CPU, m) {
+  m.impl("most_uncertain_points", &most_uncertain_points_cpu);
+}
+
+}  // namespace panoray
