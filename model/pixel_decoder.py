@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.ops import ms_deform_attn
+from model.ops import has_compiled_op, ms_deform_attn
 from model.position_encoding import sine_position_embedding
 
 
@@ -166,25 +166,65 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         return [m.unflatten(1, (h, w)).permute(0, 3, 1, 2) for m, (h, w) in zip(maps, shapes)]
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that trains fast on channels_last maps.
+class _GroupNormNHWC(torch.autograd.Function):
+    """GroupNorm of a channels_last CPU map by csrc/cpu/group_norm_cpu.cpp."""
 
-    PyTorch's CPU GroupNorm backward is several times slower on channels_last inputs than on
-    contiguous ones (30 ms vs 4 ms for 2 x 64 x 128 x 128 here). When a gradient will flow, the
-    norm runs on a contiguous copy and hands back channels_last; the copies cost far less.
-    Same parameters and formula (only the summation order of the statistics may differ).
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
+        y, mean, rstd = torch.ops.panoray.group_norm_nhwc(x, weight, bias, groups, eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.groups = groups
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, mean, rstd, weight = ctx.saved_tensors
+        dx, dweight, dbias = torch.ops.panoray.group_norm_nhwc_backward(
+            grad, x, mean, rstd, weight, ctx.groups)
+        return dx, dweight, dbias, None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that runs channels_last CPU maps in their own memory order.
+
+    PyTorch's CPU GroupNorm is slow on channels_last maps (its backward several times slower than
+    on contiguous ones: 30 ms vs 4 ms for 2 x 64 x 128 x 128 here), and copying to contiguous and
+    back costs more than the norm. float32 / float64 channels_last maps on the CPU go to the
+    compiled kernels instead (two passes over the map each way, statistics summed in float64);
+    everything else, and builds without ``model._C``, takes nn.GroupNorm's path. Same parameters
+    and formula (only the summation order of the statistics may differ).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and torch.is_grad_enabled() and x.dim() == 4
-                and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)):
-            y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-            return y.contiguous(memory_format=torch.channels_last)
+        if (self.affine and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype in (torch.float32, torch.float64) and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last) and has_compiled_op()
+                and self.weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu")):
+            return _GroupNormNHWC.apply(x, self.weight, self.bias, self.num_groups, self.eps)
         return super().forward(x)
 
 
-class ConvNorm(nn.Conv2d):
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that runs a 1x1 convolution of a channels_last map as one matrix product.
+
+    In channels_last memory a 1x1 convolution is exactly a linear layer over the channel axis of
+    the (B, H, W, C) rows: no copy in or out, and one GEMM forward and two backward. PyTorch
+    itself sends small-batch 1x1 convolutions on one CPU thread to its unblocked fallback
+    convolution, which first copies a channels_last input to contiguous (forward and backward).
+    Same parameters and state_dict keys; other shapes and layouts take nn.Conv2d's path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                and self.groups == 1 and x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            rows = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
+            return rows.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels_last
+        return super().forward(x)
+
+
+class ConvNorm(Conv2d):
     """A Conv2d followed by a norm and an optional ReLU (detectron2's `Conv2d(norm=...)`)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int, norm: nn.Module,
