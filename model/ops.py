@@ -335,3 +335,57 @@ if _HAS_C:
     torch.library.register_autograd(
         "panoray::ms_deform_attn", _backward, setup_context=_setup_context
     )
+
+
+# ------------------------------------------------------------------ CPU helper kernels
+# Two CPU-only kernels in csrc/cpu/ serve the training step; callers check `has_compiled_op()`
+# and take a PyTorch path on other devices (see model.point_sampling and model.pixel_decoder).
+#
+# - panoray::most_uncertain_points(logits (R, h, w), candidates (R, K, 2), k) -> (R, k, 2): the
+#   k candidates with the smallest |bilinear logit| (align_corners=False, zero padding), in
+#   candidate order; float32.
+# - panoray::group_norm_nhwc(x, weight, bias, groups, eps) -> (y, mean, rstd): GroupNorm of a
+#   channels_last map in its own memory order; float32 / float64. Differentiable in x, weight
+#   and bias (registered below).
+
+if _HAS_C:
+
+    @torch.library.register_fake("panoray::most_uncertain_points")
+    def _most_uncertain_points_fake(logits: Tensor, candidates: Tensor, k: int) -> Tensor:
+        return candidates.new_empty((candidates.shape[0], k, 2))
+
+    @torch.library.register_fake("panoray::group_norm_nhwc")
+    def _group_norm_nhwc_fake(
+        x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        stats = x.new_empty((x.shape[0], groups))
+        return (torch.empty_like(x, memory_format=torch.channels_last), stats,
+                torch.empty_like(stats))
+
+    @torch.library.register_fake("panoray::group_norm_nhwc_backward")
+    def _group_norm_nhwc_backward_fake(
+        grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, groups: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return (torch.empty_like(x, memory_format=torch.channels_last),
+                torch.empty_like(weight), torch.empty_like(weight))
+
+    def _group_norm_setup_context(ctx, inputs, output) -> None:
+        x, weight, _, groups, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.groups = groups
+
+    def _group_norm_backward(ctx, grad_y: Tensor, _grad_mean, _grad_rstd):
+        x, mean, rstd, weight = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.panoray.group_norm_nhwc_backward.default(
+            grad_y, x, mean, rstd, weight, ctx.groups)
+        return grad_x, grad_weight, grad_bias, None, None
+
+    torch.library.register_autograd(
+        "panoray::group_norm_nhwc", _group_norm_backward,
+        setup_context=_group_norm_setup_context)
+
+
+def group_norm_nhwc(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
+    """GroupNorm of a channels_last CPU map (float32 / float64) by the compiled kernel."""
+    return torch.ops.panoray.group_norm_nhwc(x, weight, bias, groups, eps)[0]

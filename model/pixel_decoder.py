@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.ops import has_compiled_op, ms_deform_attn
+from model.ops import group_norm_nhwc, has_compiled_op, ms_deform_attn
 from model.position_encoding import sine_position_embedding
 
 
@@ -166,25 +166,6 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         return [m.unflatten(1, (h, w)).permute(0, 3, 1, 2) for m, (h, w) in zip(maps, shapes)]
 
 
-class _GroupNormNHWC(torch.autograd.Function):
-    """GroupNorm of a channels_last CPU map by csrc/cpu/group_norm_cpu.cpp."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
-        y, mean, rstd = torch.ops.panoray.group_norm_nhwc(x, weight, bias, groups, eps)
-        ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.groups = groups
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, mean, rstd, weight = ctx.saved_tensors
-        dx, dweight, dbias = torch.ops.panoray.group_norm_nhwc_backward(
-            grad, x, mean, rstd, weight, ctx.groups)
-        return dx, dweight, dbias, None, None
-
-
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that runs channels_last CPU maps in their own memory order.
 
@@ -201,7 +182,7 @@ class GroupNorm(nn.GroupNorm):
                 and x.dtype in (torch.float32, torch.float64) and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last) and has_compiled_op()
                 and self.weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu")):
-            return _GroupNormNHWC.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+            return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps)
         return super().forward(x)
 
 

@@ -137,6 +137,7 @@ def test_compiled_selection_ties_nan_and_edge_sizes():
     assert torch.equal(torch.ops.panoray.most_uncertain_points(with_nan, points, 2),
                        points[:, [0, 2]])
     assert torch.ops.panoray.most_uncertain_points(flat, candidates, 0).shape == (2, 0, 2)
+    torch.library.opcheck(torch.ops.panoray.most_uncertain_points.default, (flat, candidates, 3))
     with pytest.raises(RuntimeError, match="k must be in"):
         torch.ops.panoray.most_uncertain_points(flat, candidates, 11)
     with pytest.raises(RuntimeError, match="must be float32"):
