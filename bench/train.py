@@ -7,9 +7,11 @@ logits in eval mode). Both then train on the same LSJ batches of the synthetic d
 the Mask2Former loss (same weights, 12544 points, deep supervision), backward, full-model
 gradient clipping and an AdamW step; ours is `model.criterion`, HF's is its built-in loss
 (`mask_labels` / `class_labels`). The backbone's BatchNorm is frozen on both sides, as in the
-reference. Steps alternate between the two so machine load hits both alike; the table gives
-images / s from the median step time after one warm-up step, float32, `--threads` torch threads
-(default 1: on a busy machine two threads on two cores stall each other at every op).
+reference. Ours runs as the training loop runs it on a CPU (contiguous backbone, see
+`pipeline.train_loop.cpu_training_layout`). Steps alternate between the two so machine load
+hits both alike; the table gives images / s from the median step time after one warm-up step,
+float32, `--threads` torch threads (default 1: on a busy machine two threads on two cores stall
+each other at every op).
 
 Quality (`--quality`): `run_finetune` trains `tiny` from scratch on 2 CPU Ray workers on the
 synthetic train split and evaluates PQ on the synthetic val split every `--eval-every` steps;
@@ -42,6 +44,7 @@ from model.optim import build_optimizer, clip_grad_norm  # noqa: E402
 from model.point_sampling import seeded_generators  # noqa: E402
 from pipeline.synth import make_synthetic_dataset  # noqa: E402
 from pipeline.train_data import LSJConfig, example_at, load_split, to_model_inputs  # noqa: E402
+from pipeline.train_loop import cpu_training_layout  # noqa: E402
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
@@ -97,6 +100,7 @@ def twin_models(preset: str, folder: Path):
     if (mine - theirs).abs().max() > 1e-3:
         raise RuntimeError("converted weights do not reproduce HF's logits; check convert_hf")
     ours.train()
+    cpu_training_layout(ours)  # as the training loop runs it on the CPU
     hf.train()
     for m in hf.model.pixel_level_module.encoder.modules():  # frozen BN, as our backbone
         if isinstance(m, torch.nn.BatchNorm2d):
