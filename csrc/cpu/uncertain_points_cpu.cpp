@@ -217,6 +217,8 @@ at::Tensor most_uncertain_points_cpu(const at::Tensor& logits, const at::Tensor&
               logits.scalar_type(), " and ", candidates.scalar_type(), ".");
   const int64_t R = logits.size(0), h = logits.size(1), w = logits.size(2);
   const int64_t K = candidates.size(1);
+  TORCH_CHECK(h > 0 && w > 0, "most_uncertain_points: the logit maps are empty (", h, " x ", w,
+              ").");
   TORCH_CHECK(candidates.size(0) == R, "most_uncertain_points: ", R, " logit maps but ",
               candidates.size(0), " candidate sets.");
   TORCH_CHECK(k >= 0 && k <= K, "most_uncertain_points: k must be in [0, ", K, "], got ", k,

@@ -142,6 +142,8 @@ def test_compiled_selection_ties_nan_and_edge_sizes():
         torch.ops.panoray.most_uncertain_points(flat, candidates, 11)
     with pytest.raises(RuntimeError, match="must be float32"):
         torch.ops.panoray.most_uncertain_points(flat.double(), candidates, 1)
+    with pytest.raises(RuntimeError, match="maps are empty"):
+        torch.ops.panoray.most_uncertain_points(flat[:, :0], candidates, 1)
     with pytest.raises(RuntimeError, match="candidates must be"):
         torch.ops.panoray.most_uncertain_points(flat, candidates[..., :1], 1)
 
