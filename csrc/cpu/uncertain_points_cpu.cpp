@@ -5,10 +5,10 @@
 // align_corners=False: pixel coordinate x * w - 0.5, the arithmetic of F.grid_sample on a grid
 // 2 * x - 1) and return the k candidates whose |logit| is smallest, i.e. whose -|logit|
 // uncertainty is highest, in candidate order. The Python path (grid_sample, top-k, gather) reads
-// the same values and keeps the same set; this one never builds the (R, K) uncertainty tensor or
-// the index tensors and selects with nth_element instead of a heap. A NaN logit counts as the
-// most uncertain, as torch.topk ranks NaN above every number. Ties at the k-th value go to the
-// earliest candidates.
+// the same values and keeps the same set; this one builds no (R, K) uncertainty or index
+// tensors, reads eight candidates at a time (AVX2 gathers, picked at run time) and selects by
+// radix instead of a heap. A NaN logit counts as the most uncertain, as torch.topk ranks NaN
+// above every number. Ties at the k-th value go to the earliest candidates.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,7 +34,9 @@ namespace {
 constexpr float kFar = 1e9f;
 
 // The bilinear read of one (h, w) map at normalised (x, y), as grid_sample computes it.
-__attribute__((noinline)) float read_bilinear(const float* map, int64_t h, int64_t w, float x, float y) {
+// Out of line: the vector loop only falls back to it near the borders.
+__attribute__((noinline)) float read_bilinear(const float* map, int64_t h, int64_t w, float x,
+                                              float y) {
   const float ix = ((2.0f * x - 1.0f + 1.0f) * static_cast<float>(w) - 1.0f) / 2.0f;
   const float iy = ((2.0f * y - 1.0f + 1.0f) * static_cast<float>(h) - 1.0f) / 2.0f;
   if (!(std::fabs(ix) < kFar && std::fabs(iy) < kFar)) return 0.0f;  // far outside, or NaN
@@ -114,11 +116,13 @@ PANORAY_ALWAYS_INLINE void score_loop(const float* map, const float* padded, int
     const float x = cand[2 * j], y = cand[2 * j + 1];
     const float ix = ((2.0f * x - 1.0f + 1.0f) * fw - 1.0f) / 2.0f;
     const float iy = ((2.0f * y - 1.0f + 1.0f) * fh - 1.0f) / 2.0f;
+    // ax, ay >= 0: truncating them gives floor(ix) + 1 and floor(iy) + 1, the column and row
+    // in `padded`; the test is on the rounded values, so that the corners stay in `padded`.
+    const float ax = ix + 1.0f, ay = iy + 1.0f;
     float v;
-    if (ix >= -1.0f && ix < fw && iy >= -1.0f && iy < fh) {
-      // ix, iy >= -1: truncating ix + 1 gives floor(ix) + 1, the column in `padded`
-      const int64_t px = static_cast<int64_t>(ix + 1.0f);
-      const int64_t py = static_cast<int64_t>(iy + 1.0f);
+    if (ax >= 0.0f && ax < fw + 1.0f && ay >= 0.0f && ay < fh + 1.0f) {
+      const int64_t px = static_cast<int64_t>(ax);
+      const int64_t py = static_cast<int64_t>(ay);
       const float tx = ix - static_cast<float>(px - 1);
       const float ty = iy - static_cast<float>(py - 1);
       const float* top = padded + py * pw + px;
@@ -219,6 +223,8 @@ at::Tensor most_uncertain_points_cpu(const at::Tensor& logits, const at::Tensor&
   const int64_t K = candidates.size(1);
   TORCH_CHECK(h > 0 && w > 0, "most_uncertain_points: the logit maps are empty (", h, " x ", w,
               ").");
+  TORCH_CHECK((h + 2) * (w + 2) < (int64_t{1} << 31), "most_uncertain_points: logit maps of ", h,
+              " x ", w, " are too large.");
   TORCH_CHECK(candidates.size(0) == R, "most_uncertain_points: ", R, " logit maps but ",
               candidates.size(0), " candidate sets.");
   TORCH_CHECK(k >= 0 && k <= K, "most_uncertain_points: k must be in [0, ", K, "], got ", k,

@@ -121,6 +121,17 @@ def test_compiled_selection_keeps_the_top_k_set(shape):
         return point_sample(logits.unsqueeze(1), points).abs().sort(dim=-1).values
     torch.testing.assert_close(kept_scores(got), kept_scores(want), rtol=0, atol=1e-6)
 
+    # Points a float's width either side of where the map's last and first bilinear corners
+    # end (pixel coordinates -1 and w or h), where rounding decides the cell.
+    h, w = shape[1:]
+    edges = torch.tensor([-0.5 / w, (w + 0.5) / w, -0.5 / h, (h + 0.5) / h])
+    edges = torch.cat([torch.nextafter(edges, edges - 1), edges, torch.nextafter(edges, edges + 1)])
+    grid = torch.cartesian_prod(edges, edges)  # (144, 2)
+    points = torch.cat([grid, candidates[0, :856]])[None].expand(shape[0], -1, -1).contiguous()
+    got = torch.ops.panoray.most_uncertain_points(logits, points, 500)
+    torch.testing.assert_close(kept_scores(got), kept_scores(topk_selection(logits, points, 500)),
+                               rtol=0, atol=1e-6)
+
 
 @needs_op
 def test_compiled_selection_ties_nan_and_edge_sizes():
