@@ -2,8 +2,8 @@
 // one pass per mask.
 //
 // For each of R masks, read the (h, w) logit map bilinearly at K candidate points (zero padding,
-// align_corners=False: pixel coordinate x * w - 0.5, the arithmetic of F.grid_sample on a grid
-// 2 * x - 1) and return the k candidates whose |logit| is smallest, i.e. whose -|logit|
+// align_corners=False: pixel coordinate x * w - 0.5, the semantics of F.grid_sample and of the
+// op's shared sampling header, whose bilinear_point reads the points near the borders) and return the k candidates whose |logit| is smallest, i.e. whose -|logit|
 // uncertainty is highest, in candidate order. The Python path (grid_sample, top-k, gather) reads
 // the same values and keeps the same set; this one builds no (R, K) uncertainty or index
 // tensors, reads eight candidates at a time (AVX2 gathers, picked at run time) and selects by
@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "../ms_deform_attn_sampling.h"
 #include "x86_dispatch.h"
 
 #if PANORAY_X86_DISPATCH
@@ -30,37 +31,15 @@
 namespace panoray {
 namespace {
 
-// Pixel coordinates beyond this read zero whatever the map size (keeps the integer cast defined).
-constexpr float kFar = 1e9f;
-
-// The bilinear read of one (h, w) map at normalised (x, y), as grid_sample computes it.
-// Out of line: the vector loop only falls back to it near the borders.
+// The bilinear read of one (h, w) map at normalised (x, y), zero outside: the general case, out
+// of line (the loops below take it only near the borders).
 __attribute__((noinline)) float read_bilinear(const float* map, int64_t h, int64_t w, float x,
                                               float y) {
-  const float ix = ((2.0f * x - 1.0f + 1.0f) * static_cast<float>(w) - 1.0f) / 2.0f;
-  const float iy = ((2.0f * y - 1.0f + 1.0f) * static_cast<float>(h) - 1.0f) / 2.0f;
-  if (!(std::fabs(ix) < kFar && std::fabs(iy) < kFar)) return 0.0f;  // far outside, or NaN
-  // floor without a libm call (the baseline x86-64 target has no rounding instruction)
-  int64_t x0 = static_cast<int64_t>(ix);
-  int64_t y0 = static_cast<int64_t>(iy);
-  x0 -= ix < static_cast<float>(x0);
-  y0 -= iy < static_cast<float>(y0);
-  const float tx = ix - static_cast<float>(x0);
-  const float ty = iy - static_cast<float>(y0);
-  const bool in_x0 = x0 >= 0 && x0 < w;
-  const bool in_x1 = x0 + 1 >= 0 && x0 + 1 < w;
-  const bool in_y0 = y0 >= 0 && y0 < h;
-  const bool in_y1 = y0 + 1 >= 0 && y0 + 1 < h;
+  BilinearPoint<float> p;
+  if (!bilinear_point<float>(x, y, h, w, p)) return 0.0f;
   float value = 0.0f;
-  if (in_y0) {
-    const float* row = map + y0 * w;
-    if (in_x0) value += row[x0] * ((1.0f - tx) * (1.0f - ty));
-    if (in_x1) value += row[x0 + 1] * (tx * (1.0f - ty));
-  }
-  if (in_y1) {
-    const float* row = map + (y0 + 1) * w;
-    if (in_x0) value += row[x0] * ((1.0f - tx) * ty);
-    if (in_x1) value += row[x0 + 1] * (tx * ty);
+  for (int c = 0; c < 4; ++c) {
+    if (p.valid[c]) value += map[p.offset[c]] * p.weight[c];
   }
   return value;
 }
@@ -105,7 +84,7 @@ uint32_t kth_smallest(const uint32_t* keys, int64_t n, int64_t k, int64_t* ties,
 }
 
 // Scores of K candidates on one map: order_key of the bilinear read at each. `padded` is the map
-// with a ring of zeros, (h + 2) x (w + 2): the four corners of any point inside the map's
+// with a ring of zeros, (h + 2) x (w + 2) (the caller zeroes it once; only the inside is written): the four corners of any point inside the map's
 // extent (give or take half a pixel) lie in it, so the loop needs no bounds tests; other points
 // take read_bilinear.
 PANORAY_ALWAYS_INLINE void score_loop(const float* map, const float* padded, int64_t h, int64_t w,
@@ -114,8 +93,8 @@ PANORAY_ALWAYS_INLINE void score_loop(const float* map, const float* padded, int
   const float fw = static_cast<float>(w), fh = static_cast<float>(h);
   for (int64_t j = 0; j < K; ++j) {
     const float x = cand[2 * j], y = cand[2 * j + 1];
-    const float ix = ((2.0f * x - 1.0f + 1.0f) * fw - 1.0f) / 2.0f;
-    const float iy = ((2.0f * y - 1.0f + 1.0f) * fh - 1.0f) / 2.0f;
+    const float ix = x * fw - 0.5f;
+    const float iy = y * fh - 0.5f;
     // ax, ay >= 0: truncating them gives floor(ix) + 1 and floor(iy) + 1, the column and row
     // in `padded`; the test is on the rounded values, so that the corners stay in `padded`.
     const float ax = ix + 1.0f, ay = iy + 1.0f;
@@ -143,7 +122,7 @@ PANORAY_TARGET_AVX2 void score_loop_avx2(const float* map, const float* padded, 
                                          int64_t w, const float* cand, int64_t K, uint32_t* keys) {
   const __m256 fw = _mm256_set1_ps(static_cast<float>(w));
   const __m256 fh = _mm256_set1_ps(static_cast<float>(h));
-  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
   const __m256 minus_one = _mm256_set1_ps(-1.0f);
   const __m256i row = _mm256_set1_epi32(static_cast<int>(w + 2));
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
@@ -157,13 +136,8 @@ PANORAY_TARGET_AVX2 void score_loop_avx2(const float* map, const float* padded, 
         _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), 0xD8));
     const __m256 y = _mm256_castpd_ps(_mm256_permute4x64_pd(
         _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
-    // the scalar loop's arithmetic: ((2 x - 1 + 1) * w - 1) / 2
-    const __m256 ix = _mm256_mul_ps(
-        _mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(_mm256_sub_ps(_mm256_mul_ps(two, x), one), one),
-                                    fw), one), _mm256_set1_ps(0.5f));
-    const __m256 iy = _mm256_mul_ps(
-        _mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(_mm256_sub_ps(_mm256_mul_ps(two, y), one), one),
-                                    fh), one), _mm256_set1_ps(0.5f));
+    const __m256 ix = _mm256_sub_ps(_mm256_mul_ps(x, fw), half);  // pixel coordinates
+    const __m256 iy = _mm256_sub_ps(_mm256_mul_ps(y, fh), half);
     const __m256 inside = _mm256_and_ps(
         _mm256_and_ps(_mm256_cmp_ps(ix, minus_one, _CMP_GE_OQ), _mm256_cmp_ps(ix, fw, _CMP_LT_OQ)),
         _mm256_and_ps(_mm256_cmp_ps(iy, minus_one, _CMP_GE_OQ), _mm256_cmp_ps(iy, fh, _CMP_LT_OQ)));
@@ -199,7 +173,6 @@ PANORAY_TARGET_AVX2 void score_loop_avx2(const float* map, const float* padded, 
 void score_candidates(const float* map, int64_t h, int64_t w, const float* cand, int64_t K,
                       float* padded, uint32_t* keys) {
   const int64_t pw = w + 2;
-  std::fill(padded, padded + (h + 2) * pw, 0.0f);
   for (int64_t y = 0; y < h; ++y) {
     std::copy(map + y * w, map + (y + 1) * w, padded + (y + 1) * pw + 1);
   }
@@ -239,7 +212,7 @@ at::Tensor most_uncertain_points_cpu(const at::Tensor& logits, const at::Tensor&
 
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> keys(K), scratch;
-    std::vector<float> padded((h + 2) * (w + 2));
+    std::vector<float> padded((h + 2) * (w + 2), 0.0f);  // its zero ring is never written
     for (int64_t r = begin; r < end; ++r) {
       const float* cand = points_data + r * K * 2;
       score_candidates(maps_data + r * h * w, h, w, cand, K, padded.data(), keys.data());
