@@ -7,8 +7,8 @@ logits in eval mode). Both then train on the same LSJ batches of the synthetic d
 the Mask2Former loss (same weights, 12544 points, deep supervision), backward, full-model
 gradient clipping and an AdamW step; ours is `model.criterion`, HF's is its built-in loss
 (`mask_labels` / `class_labels`). The backbone's BatchNorm is frozen on both sides, as in the
-reference. Ours runs as the training loop runs it on a CPU (contiguous backbone, see
-`pipeline.train_loop.cpu_training_layout`). Steps alternate between the two so machine load
+reference. Ours runs as the training loop runs it (on the CPU its backbone's 3x3 convolutions
+take the Winograd path of `model.conv`). Steps alternate between the two so machine load
 hits both alike; the table gives images / s from the median step time after one warm-up step,
 float32, `--threads` torch threads (default 1: on a busy machine two threads on two cores stall
 each other at every op).
@@ -44,7 +44,6 @@ from model.optim import build_optimizer, clip_grad_norm  # noqa: E402
 from model.point_sampling import seeded_generators  # noqa: E402
 from pipeline.synth import make_synthetic_dataset  # noqa: E402
 from pipeline.train_data import LSJConfig, example_at, load_split, to_model_inputs  # noqa: E402
-from pipeline.train_loop import cpu_training_layout  # noqa: E402
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
@@ -100,7 +99,6 @@ def twin_models(preset: str, folder: Path):
     if (mine - theirs).abs().max() > 1e-3:
         raise RuntimeError("converted weights do not reproduce HF's logits; check convert_hf")
     ours.train()
-    cpu_training_layout(ours)  # as the training loop runs it on the CPU
     hf.train()
     for m in hf.model.pixel_level_module.encoder.modules():  # frozen BN, as our backbone
         if isinstance(m, torch.nn.BatchNorm2d):

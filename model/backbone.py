@@ -20,6 +20,7 @@ from torchvision.models.swin_transformer import (
 from torchvision.ops import misc
 
 from model.config import BackboneConfig
+from model.conv import adopt_winograd
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -45,6 +46,7 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, *, trunk: resnet.ResNet) -> None:
         super().__init__()
+        adopt_winograd(trunk)  # CPU training runs its 3x3 stride-1 convolutions by Winograd
         # Adopt the trunk's children under their own names so keys read `backbone.layer1...`.
         self.conv1, self.bn1, self.relu, self.maxpool = (
             trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
@@ -55,9 +57,9 @@ class ResNetBackbone(nn.Module):
         self.out_channels: dict[str, int] = dict(zip(FEATURE_NAMES, widths))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        # The trunk runs in the memory format its weights are stored in (see
-        # `set_memory_format`): channels_last by default, so that oneDNN / cuDNN convolutions
-        # run without layout reorders. The outputs are channels_last either way, which makes
+        # The trunk runs in the memory format its weights are stored in: channels_last by
+        # default, the layout of the Winograd path (model/conv.py) and the one oneDNN / cuDNN
+        # convolutions run without reorders. The outputs are channels_last either way, which makes
         # the pixel decoder's flatten(2).transpose(1, 2) of them free.
         channels_last = self.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         images = images.contiguous(
@@ -69,17 +71,6 @@ class ResNetBackbone(nn.Module):
         res5 = self.layer4(res4)
         return {name: t.contiguous(memory_format=torch.channels_last)
                 for name, t in zip(FEATURE_NAMES, (res2, res3, res4, res5))}
-
-    def set_memory_format(self, memory_format: torch.memory_format) -> None:
-        """Store the convolution weights, and so run the trunk, in `memory_format`.
-
-        channels_last (the default) is the layout for inference and for CUDA. For *training
-        on the CPU* `torch.contiguous_format` is faster: oneDNN's channels_last convolution
-        backward is the slower one there, increasingly so with resolution (`tiny`, one thread:
-        a 512 x 512 step 5.4 -> 4.9 s, 256 x 256 1.37 -> 1.33 s, 128 x 128 about even), which
-        outweighs copying the four outputs to channels_last.
-        """
-        self.to(memory_format=memory_format)
 
 
 def _block_out_channels(layer: nn.Sequential) -> int:

@@ -386,6 +386,51 @@ if _HAS_C:
         setup_context=_group_norm_setup_context)
 
 
+# - panoray::winograd_f23_input(x) -> V (16, T, C) and panoray::winograd_f23_output(M, size) -> y:
+#   the data transforms of a Winograd F(2x2, 3x3) convolution of a channels_last map (see
+#   csrc/cpu/winograd_cpu.cpp and model/conv.py); float32 / float64. Both are linear, so each
+#   one's backward is its adjoint op (``..._backward``), registered below.
+
+if _HAS_C:
+
+    @torch.library.register_fake("panoray::winograd_f23_input")
+    def _winograd_input_fake(x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        return x.new_empty((16, B * ((H + 1) // 2) * ((W + 1) // 2), C))
+
+    @torch.library.register_fake("panoray::winograd_f23_input_backward")
+    def _winograd_input_backward_fake(grad_v: Tensor, size: list[int]) -> Tensor:
+        return grad_v.new_empty(size).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("panoray::winograd_f23_output")
+    def _winograd_output_fake(m: Tensor, size: list[int]) -> Tensor:
+        return m.new_empty(size).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("panoray::winograd_f23_output_backward")
+    def _winograd_output_backward_fake(grad_y: Tensor) -> Tensor:
+        B, C, H, W = grad_y.shape
+        return grad_y.new_empty((16, B * ((H + 1) // 2) * ((W + 1) // 2), C))
+
+    def _winograd_input_setup_context(ctx, inputs, output) -> None:
+        ctx.size = list(inputs[0].shape)
+
+    def _winograd_input_backward(ctx, grad_v: Tensor):
+        return torch.ops.panoray.winograd_f23_input_backward.default(grad_v, ctx.size)
+
+    def _winograd_output_setup_context(ctx, inputs, output) -> None:
+        pass
+
+    def _winograd_output_backward(ctx, grad_y: Tensor):
+        return torch.ops.panoray.winograd_f23_output_backward.default(grad_y), None
+
+    torch.library.register_autograd(
+        "panoray::winograd_f23_input", _winograd_input_backward,
+        setup_context=_winograd_input_setup_context)
+    torch.library.register_autograd(
+        "panoray::winograd_f23_output", _winograd_output_backward,
+        setup_context=_winograd_output_setup_context)
+
+
 def group_norm_nhwc(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
     """GroupNorm of a channels_last CPU map (float32 / float64) by the compiled kernel."""
     return torch.ops.panoray.group_norm_nhwc(x, weight, bias, groups, eps)[0]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.conv import Conv2d
 from model.ops import group_norm_nhwc, has_compiled_op, ms_deform_attn
 from model.position_encoding import sine_position_embedding
 
@@ -183,25 +184,6 @@ class GroupNorm(nn.GroupNorm):
                 and x.is_contiguous(memory_format=torch.channels_last) and has_compiled_op()
                 and self.weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu")):
             return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps)
-        return super().forward(x)
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d that runs a 1x1 convolution of a channels_last map as one matrix product.
-
-    In channels_last memory a 1x1 convolution is exactly a linear layer over the channel axis of
-    the (B, H, W, C) rows: no copy in or out, and one GEMM forward and two backward. PyTorch
-    itself sends small-batch 1x1 convolutions on one CPU thread to its unblocked fallback
-    convolution, which first copies a channels_last input to contiguous (forward and backward).
-    Same parameters and state_dict keys; other shapes and layouts take nn.Conv2d's path.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-                and self.groups == 1 and x.dim() == 4
-                and x.is_contiguous(memory_format=torch.channels_last)):
-            rows = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
-            return rows.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels_last
         return super().forward(x)
 
 

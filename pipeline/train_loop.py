@@ -117,14 +117,6 @@ def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     return net.module if hasattr(net, "module") else net
 
 
-def cpu_training_layout(net: torch.nn.Module) -> None:
-    """Run a ResNet backbone in contiguous memory for training on the CPU, where oneDNN's
-    channels_last convolution backward is the slower one (`ResNetBackbone.set_memory_format`);
-    before DDP wraps the model, so its gradient buckets see the final layout."""
-    if hasattr(net.backbone, "set_memory_format"):
-        net.backbone.set_memory_format(torch.contiguous_format)
-
-
 # ------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(directory: str, *, net, optimizer, scheduler, scaler, step: int, name: str,
@@ -255,8 +247,6 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
                         name=cfg.name, seed=cfg.seed)
     torch.manual_seed(cfg.seed + rank)
     net.train()
-    if ray.train.torch.get_device().type == "cpu":
-        cpu_training_layout(net)
     net = ray.train.torch.prepare_model(net)
     device = next(net.parameters()).device
     optimizer = build_optimizer(net, lr=cfg.lr, weight_decay=cfg.weight_decay,
