@@ -57,20 +57,16 @@ class ResNetBackbone(nn.Module):
         self.out_channels: dict[str, int] = dict(zip(FEATURE_NAMES, widths))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        # The trunk runs in the memory format its weights are stored in: channels_last by
-        # default, the layout of the Winograd path (model/conv.py) and the one oneDNN / cuDNN
-        # convolutions run without reorders. The outputs are channels_last either way, which makes
-        # the pixel decoder's flatten(2).transpose(1, 2) of them free.
-        channels_last = self.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-        images = images.contiguous(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        # channels_last: oneDNN / cuDNN convolutions run without layout reorders, it is the
+        # layout of the Winograd path (model/conv.py), and the pixel decoder's
+        # flatten(2).transpose(1, 2) of these maps becomes free.
+        images = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (B, 64, H/4, W/4)
         res2 = self.layer1(x)
         res3 = self.layer2(res2)
         res4 = self.layer3(res3)
         res5 = self.layer4(res4)
-        return {name: t.contiguous(memory_format=torch.channels_last)
-                for name, t in zip(FEATURE_NAMES, (res2, res3, res4, res5))}
+        return {"res2": res2, "res3": res3, "res4": res4, "res5": res5}
 
 
 def _block_out_channels(layer: nn.Sequential) -> int:

@@ -338,8 +338,9 @@ if _HAS_C:
 
 
 # ------------------------------------------------------------------ CPU helper kernels
-# Two CPU-only kernels in csrc/cpu/ serve the training step; callers check `has_compiled_op()`
-# and take a PyTorch path on other devices (see model.point_sampling and model.pixel_decoder).
+# CPU-only kernels in csrc/cpu/ serve the training step; callers check `has_compiled_op()` and
+# take a PyTorch path on other devices (see model.point_sampling, model.pixel_decoder and
+# model.conv).
 #
 # - panoray::most_uncertain_points(logits (R, h, w), candidates (R, K, 2), k) -> (R, k, 2): the
 #   k candidates with the smallest |bilinear logit| (align_corners=False, zero padding), in
@@ -347,6 +348,20 @@ if _HAS_C:
 # - panoray::group_norm_nhwc(x, weight, bias, groups, eps) -> (y, mean, rstd): GroupNorm of a
 #   channels_last map in its own memory order; float32 / float64. Differentiable in x, weight
 #   and bias (registered below).
+# - panoray::winograd_f23_input(x) -> V (16, T, C) and panoray::winograd_f23_output(M, size) -> y:
+#   the data transforms of a Winograd F(2x2, 3x3) convolution of a channels_last map, T its
+#   2x2 output tiles; float32 / float64. Both are linear, so each one's backward is its adjoint
+#   op (``..._backward``), registered below.
+
+
+def _winograd_tiles(size, channels: int) -> tuple[int, int, int]:
+    B, _, H, W = size
+    return (16, B * ((H + 1) // 2) * ((W + 1) // 2), channels)
+
+
+def _channels_last_map(like: Tensor, size) -> Tensor:
+    return like.new_empty(size).contiguous(memory_format=torch.channels_last)
+
 
 if _HAS_C:
 
@@ -359,15 +374,13 @@ if _HAS_C:
         x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
         stats = x.new_empty((x.shape[0], groups))
-        return (torch.empty_like(x, memory_format=torch.channels_last), stats,
-                torch.empty_like(stats))
+        return _channels_last_map(x, x.shape), stats, torch.empty_like(stats)
 
     @torch.library.register_fake("panoray::group_norm_nhwc_backward")
     def _group_norm_nhwc_backward_fake(
         grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, groups: int
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return (torch.empty_like(x, memory_format=torch.channels_last),
-                torch.empty_like(weight), torch.empty_like(weight))
+        return _channels_last_map(x, x.shape), torch.empty_like(weight), torch.empty_like(weight)
 
     def _group_norm_setup_context(ctx, inputs, output) -> None:
         x, weight, _, groups, _ = inputs
@@ -385,31 +398,21 @@ if _HAS_C:
         "panoray::group_norm_nhwc", _group_norm_backward,
         setup_context=_group_norm_setup_context)
 
-
-# - panoray::winograd_f23_input(x) -> V (16, T, C) and panoray::winograd_f23_output(M, size) -> y:
-#   the data transforms of a Winograd F(2x2, 3x3) convolution of a channels_last map (see
-#   csrc/cpu/winograd_cpu.cpp and model/conv.py); float32 / float64. Both are linear, so each
-#   one's backward is its adjoint op (``..._backward``), registered below.
-
-if _HAS_C:
-
     @torch.library.register_fake("panoray::winograd_f23_input")
     def _winograd_input_fake(x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        return x.new_empty((16, B * ((H + 1) // 2) * ((W + 1) // 2), C))
+        return x.new_empty(_winograd_tiles(x.shape, x.shape[1]))
 
     @torch.library.register_fake("panoray::winograd_f23_input_backward")
     def _winograd_input_backward_fake(grad_v: Tensor, size: list[int]) -> Tensor:
-        return grad_v.new_empty(size).contiguous(memory_format=torch.channels_last)
+        return _channels_last_map(grad_v, size)
 
     @torch.library.register_fake("panoray::winograd_f23_output")
     def _winograd_output_fake(m: Tensor, size: list[int]) -> Tensor:
-        return m.new_empty(size).contiguous(memory_format=torch.channels_last)
+        return _channels_last_map(m, size)
 
     @torch.library.register_fake("panoray::winograd_f23_output_backward")
     def _winograd_output_backward_fake(grad_y: Tensor) -> Tensor:
-        B, C, H, W = grad_y.shape
-        return grad_y.new_empty((16, B * ((H + 1) // 2) * ((W + 1) // 2), C))
+        return grad_y.new_empty(_winograd_tiles(grad_y.shape, grad_y.shape[1]))
 
     def _winograd_input_setup_context(ctx, inputs, output) -> None:
         ctx.size = list(inputs[0].shape)
@@ -417,18 +420,13 @@ if _HAS_C:
     def _winograd_input_backward(ctx, grad_v: Tensor):
         return torch.ops.panoray.winograd_f23_input_backward.default(grad_v, ctx.size)
 
-    def _winograd_output_setup_context(ctx, inputs, output) -> None:
-        pass
-
     def _winograd_output_backward(ctx, grad_y: Tensor):
         return torch.ops.panoray.winograd_f23_output_backward.default(grad_y), None
 
     torch.library.register_autograd(
         "panoray::winograd_f23_input", _winograd_input_backward,
         setup_context=_winograd_input_setup_context)
-    torch.library.register_autograd(
-        "panoray::winograd_f23_output", _winograd_output_backward,
-        setup_context=_winograd_output_setup_context)
+    torch.library.register_autograd("panoray::winograd_f23_output", _winograd_output_backward)
 
 
 def group_norm_nhwc(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> Tensor:
