@@ -11,21 +11,25 @@ CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.c
 STAMP := $(VENV)/.panoray-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo clean
+LOCK := constraints.txt
+
+.PHONY: setup test lint bench demo clean lock
 
 setup: $(STAMP)
 
 $(PY):
 	python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c $(LOCK) --upgrade pip
 
-# torch first (pinned: these wheels ship with the machine), then the project and its test tools,
-# built against that torch (--no-build-isolation keeps pip from fetching a second one); the
-# editable install compiles model._C. Re-runs when the project files or csrc/ change.
-$(STAMP): pyproject.toml setup.py $(CSRC) | $(PY)
-	$(PIP) install torch==2.14.1 torchvision==0.29.1
-	$(PIP) install setuptools wheel ninja
-	$(PIP) install --no-build-isolation -e '.[dev]'
+# Every install goes through the lock ($(LOCK): the exact versions the tests passed with), so a
+# fresh machine resolves nothing. torch first (pinned: these wheels ship with the machine), then
+# the project and its test tools, built against that torch (--no-build-isolation keeps pip from
+# fetching a second one); the editable install compiles model._C. Re-runs when the project
+# files, the lock or csrc/ change.
+$(STAMP): pyproject.toml setup.py $(LOCK) $(CSRC) | $(PY)
+	$(PIP) install -c $(LOCK) torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -c $(LOCK) setuptools wheel ninja
+	$(PIP) install -c $(LOCK) --no-build-isolation -e '.[dev]'
 	# panopticapi-lite (test-only PQ reference) pins numpy<2, which pyarrow 26 cannot use;
 	# its evaluation code runs fine on numpy 2, so it goes in without its pins.
 	$(PIP) install --no-deps panopticapi-lite==0.2.0
@@ -41,13 +45,26 @@ test: setup lint
 bench: setup
 	$(PIP) install --quiet --no-build-isolation torch-ms-deform-attn==0.1.1
 	$(PY) bench/op.py
-	$(PY) bench/model.py
-	$(PY) bench/pipeline.py
+	$(PY) bench/model_speed.py
+	$(PY) bench/segment_job.py
 	$(PY) bench/train.py
 
 # The README's first command: the whole product on synthetic data (see jobs/demo.py).
 demo: setup
 	$(VENV)/bin/panoray demo --out demo-out
+
+# Refresh the lock: resolve pyproject.toml afresh in a scratch venv and record what it got.
+# Run after changing dependencies, then `make test` and commit constraints.txt.
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 setuptools wheel ninja
+	PANORAY_CUDA=0 .lock-venv/bin/pip install --quiet --no-build-isolation -e '.[dev]'
+	.lock-venv/bin/pip install --quiet --no-deps panopticapi-lite==0.2.0
+	{ echo "# Exact versions the test suite passed with; \`make setup\` installs through it (pip -c)."; \
+	  echo "# Refresh: \`make lock\` (a scratch venv resolved from pyproject.toml, then pip freeze)."; \
+	  .lock-venv/bin/pip freeze --all | grep -v '^-e\|^#\|^panoray'; } > $(LOCK)
+	rm -rf .lock-venv
 
 clean:
 	rm -rf build *.egg-info model/_C*.so $(STAMP)

@@ -17,16 +17,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-# Run as a script, Python puts bench/ first on sys.path, where bench/model.py would shadow the
-# model package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-from model.ops import has_compiled_op, ms_deform_attn, ms_deform_attn_reference  # noqa: E402
+from model.ops import has_compiled_op, ms_deform_attn, ms_deform_attn_reference
 
 HEADS, CHANNELS, POINTS = 8, 32, 4
 INPUT_SIZES = (512, 1024)

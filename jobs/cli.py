@@ -18,7 +18,7 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that describe a user's mistake rather than a bug."""
     from jobs.spec import SpecError
-    from pipeline.commits import OutputLocked
+    from pipeline.segment.commits import OutputLocked
 
     errors: list[type[BaseException]] = [UserError, SpecError, OutputLocked, FileNotFoundError,
                                          PermissionError]
@@ -63,7 +63,7 @@ def _add_segment(sub) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from jobs.spec import SegmentSpec, load_spec, parse_spec
-    from pipeline.segment import run_segment
+    from pipeline.segment.job import run_segment
 
     if args.spec:
         spec = load_spec(args.spec)
@@ -125,7 +125,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     import dataclasses
 
     from jobs.spec import FinetuneSpec, load_spec, parse_spec
-    from pipeline.train import run_finetune
+    from pipeline.train.job import run_finetune
 
     fields: dict = {}
     if args.spec:
@@ -166,7 +166,7 @@ def _add_synth(sub) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.coco.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(args.dst, num_train=args.train, num_val=args.val,
                                      image_size=(args.size, args.size), seed=args.seed)
@@ -226,7 +226,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.evaluate import format_pq_table, pq_compute
-    from pipeline.evaluate_output import evaluate_output, results_json
+    from pipeline.segment.output import evaluate_output, results_json
 
     try:
         if args.pred.endswith(".json"):
@@ -259,7 +259,7 @@ def _add_show(sub) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from pipeline.show import show
+    from pipeline.segment.show import show
 
     summary = show(args.output, args.dst, model=args.model, categories=args.categories,
                    limit=args.limit)

@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.source_tar import tar_bytes
+from pipeline.segment.tar import tar_bytes
 from pipeline.storage import get_filesystem, join
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,10 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
     """Run the demo into `out`; returns the paths and numbers it printed.
 
     `model` replaces the shipped bundle (a bundle over the synthetic label space)."""
-    from pipeline.evaluate_output import evaluate_output, results_json
-    from pipeline.segment import run_segment
-    from pipeline.show import show
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.coco.synth import make_synthetic_dataset
+    from pipeline.segment.job import run_segment
+    from pipeline.segment.output import evaluate_output, results_json
+    from pipeline.segment.show import show
 
     t0 = time.time()
     data, archive = join(out, "synthetic"), join(out, "archive")
@@ -57,7 +57,7 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
     print(f"      {n} images packed into tar shards under {archive}")
 
     if train_steps:
-        from pipeline.train import run_finetune
+        from pipeline.train.job import run_finetune
 
         print(f"[2/5] training tiny for {train_steps} steps (panoray finetune)")
         result = run_finetune(train=join(data, "train"), storage=join(out, "runs"),

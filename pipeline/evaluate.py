@@ -37,7 +37,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from pipeline.panoptic_io import VOID, load_coco_panoptic, read_panoptic_png
+from pipeline.coco.panoptic_io import VOID, load_coco_panoptic, read_panoptic_png
 from pipeline.storage import join, split_endpoint
 
 logger = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import fsspec
@@ -95,3 +97,45 @@ def redact(text: str) -> str:
             text = text.replace(value, "***")
     # user:password@host in URLs
     return re.sub(r"(?<=://)[^/@\s:]+:[^/@\s]+@", "***@", text)
+
+
+def shown_uri(uri: str, member: str | None = None) -> str:
+    """``uri`` as it goes into rows and messages: no endpoint query, no credentials."""
+    clean, _ = split_endpoint(uri)
+    return redact(clean if member is None else f"{clean}#{member}")
+
+
+def filesystem_for(uri: str):
+    """(fsspec filesystem, path) for ``uri``; a missing package or unknown scheme says so."""
+    try:
+        return get_filesystem(uri)
+    except ImportError as e:
+        scheme = uri.split("://", 1)[0]
+        raise ImportError(f"reading {scheme}:// needs a package that is missing: {e}") from None
+    except ValueError as e:
+        if "protocol" not in str(e).lower():
+            raise
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(
+            f"unsupported URI scheme {scheme!r} in {shown_uri(uri)}; use a local path, s3://, "
+            "gs:// or another fsspec protocol"
+        ) from None
+
+
+@contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn credential and permission failures from object stores into one clear sentence."""
+    try:
+        yield
+    except Exception as error:
+        name = type(error).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            raise PermissionError(
+                f"no credentials to read {shown_uri(uri)}; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)"
+            ) from None
+        if isinstance(error, PermissionError):
+            raise PermissionError(
+                f"access denied to {shown_uri(uri)}; check the credentials and the bucket policy"
+            ) from None
+        raise

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-panoptic-sample"
+SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "coco-panoptic-sample"
 
 
 def _free_port() -> int:
@@ -22,8 +22,8 @@ def _free_port() -> int:
 def coco_sample() -> Path:
     """The two real COCO val2017 images with their panoptic ground truth."""
     if not SAMPLE_DIR.is_dir():
-        pytest.fail(f"COCO sample data not found at {SAMPLE_DIR}; it ships in shared/ beside "
-                    "the repo")
+        pytest.fail(f"COCO sample data not found at {SAMPLE_DIR}; it ships with the repo "
+                    "(tests/data)")
     return SAMPLE_DIR
 
 

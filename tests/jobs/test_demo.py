@@ -12,7 +12,7 @@ from jobs.demo import SHIPPED_MODEL, run_demo
 from model.bundle import load_bundle, save_bundle
 from model.config import Category, get_config
 from model.mask2former import build_model
-from pipeline.synth import SYNTH_CATEGORIES
+from pipeline.coco.synth import SYNTH_CATEGORIES
 
 
 def _synthetic_label_space() -> tuple[Category, ...]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.coco.panoptic_io import encode_panoptic_png, read_panoptic_png, segment_stats
 from pipeline.evaluate import (
     PQStat,
     format_pq_table,
@@ -17,7 +18,6 @@ from pipeline.evaluate import (
     pq_image_stat,
     pq_results,
 )
-from pipeline.panoptic_io import encode_panoptic_png, read_panoptic_png, segment_stats
 
 panopticapi_eval = pytest.importorskip("panopticapi.evaluation")
 

@@ -1,0 +1,185 @@
+"""End-to-end efficiency of the segment job: S3 archive -> Ray Data -> Parquet on S3.
+
+Compares, on the same images and the same machine:
+- bare: `PanopticPredictor.predict` in one process, images already decoded in memory, all
+  threads of the machine (the best the model can do here);
+- job: `run_segment` from WebDataset tar shards on a moto S3 server (loopback) to Parquet on
+  the same server, on a local Ray with the default sizing (one predictor actor using every
+  core, reading / decoding / encoding / writing in tasks beside it).
+
+Reports images/s of both and the efficiency ratio (job / bare). The job runs twice, over half
+of the shards and over all of them (into fresh outputs); the difference of the two gives its
+steady-state rate with the one-off costs (listing, actor start, model load) cancelled out. The
+whole-run rate of the larger job is shown too. Peak resident memory: the bare process; the
+job's driver plus all Ray processes, sampled every 0.2 s. Default: `r50-coco-panoptic`
+(random weights) at 384 x 384.
+
+Run: ``python bench/segment_job.py [--preset r50-coco-panoptic] [--images 48] [--size 384]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import logging
+import os
+import resource
+import socket
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(n: int, size: int) -> list[bytes]:
+    """Smooth random pictures (JPEG), so decode and PNG encode cost what photos cost."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)
+        picture = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+class TreeMemory:
+    """Peak summed RSS of this process and all its descendants (Ray's workers included)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.2):
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="r50-coco-panoptic")
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--per-shard", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
+
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint,
+                      AWS_ENDPOINT_URL_S3=endpoint)
+    import boto3
+
+    from model.bundle import save_bundle
+    from model.config import get_config
+    from model.mask2former import build_model
+    from model.ops import has_compiled_op
+    from pipeline.segment.decode import decode_image
+    from pipeline.segment.predictor import PanopticPredictor
+    from pipeline.segment.tar import tar_bytes
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="bench")
+    config = get_config(args.preset)
+    config = dataclasses.replace(config, inference=dataclasses.replace(
+        config.inference, min_size=args.size, max_size=args.size))
+    torch.manual_seed(0)
+    tmp = tempfile.mkdtemp(prefix="panoray-bench-")
+    bundle = os.path.join(tmp, "bundle")
+    save_bundle(build_model(config), bundle)
+    images = _images(args.images, args.size)
+    for start in range(0, len(images), args.per_shard):
+        members = {f"img{i:05d}.jpg": images[i]
+                   for i in range(start, min(start + args.per_shard, len(images)))}
+        half = "a" if start < len(images) // 2 else "b"
+        s3.put_object(Bucket="bench", Key=f"archive/{half}/shard-{start:05d}.tar",
+                      Body=tar_bytes(members))
+    threads = os.cpu_count() or 1
+    print(f"{args.preset} at {args.size}x{args.size}, {args.images} images, {threads} threads, "
+          f"compiled op: {has_compiled_op()}")
+
+    # bare predictor, images decoded in memory
+    predictor = PanopticPredictor(bundle, batch_size=args.batch_size, threads=threads)
+    arrays = [decode_image(b, target_short_side=args.size, max_long_side=args.size)
+              for b in images]
+    predictor.predict([arrays[0].array])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(arrays), args.batch_size):
+        chunk = arrays[i:i + args.batch_size]
+        predictor.predict([a.array for a in chunk],
+                          output_sizes=[(a.height, a.width) for a in chunk])
+    bare_s = time.perf_counter() - t0
+    bare_rate = len(arrays) / bare_s
+    bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del predictor
+
+    # the job
+    import ray
+
+    from pipeline.segment.job import run_segment
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    def job(prefix: str, dst: str) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        summary = run_segment(src=prefix, dst=dst, model=bundle, batch_size=args.batch_size,
+                              progress=False)
+        assert summary.images_failed == 0, summary.render()
+        return time.perf_counter() - t0, summary.images_ok
+
+    with TreeMemory() as memory:
+        half_s, half_n = job("s3://bench/archive/a", "s3://bench/out-half")
+        whole_s, whole_n = job("s3://bench/archive", "s3://bench/out-all")
+    ray.shutdown()
+    server.stop()
+    assert whole_n == len(images), (whole_n, len(images))
+    steady_rate = (whole_n - half_n) / (whole_s - half_s)
+    whole_rate = whole_n / whole_s
+    rows = [
+        ("bare predictor (in memory)", bare_rate, bare_s, bare_rss),
+        ("segment job, steady state", steady_rate, whole_s - half_s, memory.peak),
+        ("segment job, whole run", whole_rate, whole_s, memory.peak),
+    ]
+    print(f"{'':30s} {'images/s':>9s} {'seconds':>8s} {'peak RSS':>10s} {'vs bare':>8s}")
+    for name, rate, seconds, rss in rows:
+        print(f"{name:30s} {rate:9.3f} {seconds:8.1f} {rss / 2**30:8.2f} GiB "
+              f"{rate / bare_rate:7.2f}x")
+    print(f"efficiency (steady state): {steady_rate / bare_rate:.2f}  (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()

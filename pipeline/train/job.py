@@ -1,0 +1,231 @@
+"""Fine-tuning on Ray Train: `run_finetune` builds and runs the TorchTrainer.
+
+    result = run_finetune(train="s3://data/coco/train", val="s3://data/coco/val",
+                          storage="s3://runs", name="coco-tiny", model="tiny", steps=1000,
+                          num_workers=2)
+    result["final_bundle"]       # "s3://runs/coco-tiny/final", a model bundle
+
+The per-worker loop lives in `pipeline.train.loop`, the example stream in
+`pipeline.train.data`. Storage (local folder or s3://), one folder per run name::
+
+    <storage>/<name>/checkpoint_<step:08d>/   every `checkpoint_every` steps and at the end
+    <storage>/<name>/final/                   the final model bundle
+    <storage>/<name>/history.json             reported metrics (losses, lr, images/s, PQ)
+    <storage>/<name>/...                      Ray Train's own run files
+
+Running again with the same name and storage resumes from the latest checkpoint (Ray Train V2
+restores it from its run snapshot; this driver reads the same snapshot to start the data stream
+where the checkpoint left it): the step count continues. A worker-group restart inside one run
+(`max_failures`) resumes the same way.
+
+Label space: the train JSON's categories sorted by category id. A starting bundle with the same
+categories keeps its own order and class head; one with other categories keeps everything but
+the class head, which is re-initialised for the new label space.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from model.config import PRESETS, Category, Mask2FormerConfig
+from model.criterion import LossConfig
+from pipeline.storage import get_filesystem, is_remote, join, pyarrow_filesystem, redact
+from pipeline.train.data import LSJConfig, load_split, train_dataset
+from pipeline.train.loop import STATE_JSON, LoopConfig, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def run_finetune(
+    *,
+    train: str,
+    storage: str,
+    name: str = "panoray-finetune",
+    val: str | None = None,
+    model: str = "tiny",
+    steps: int = 1000,
+    batch_size: int = 2,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    lr: float = 1e-4,
+    weight_decay: float = 0.05,
+    backbone_lr_multiplier: float = 0.1,
+    warmup_steps: int = 10,
+    clip_grad: float = 0.01,
+    crop_size: int = 256,
+    min_scale: float = 0.1,
+    max_scale: float = 2.0,
+    checkpoint_every: int = 100,
+    eval_every: int = 0,
+    num_to_keep: int = 2,
+    max_failures: int = 2,
+    seed: int = 0,
+    address: str | None = None,
+    cpus_per_worker: float | None = None,
+    deterministic_data: bool = False,
+    loss: LossConfig | None = None,
+) -> dict[str, Any]:
+    """Fine-tune `model` (a preset name, random init, or a bundle URI) on the COCO panoptic split
+    `train` with Ray Train; see the module doc for storage, resume and label space.
+
+    The arguments after `address` are not in the job spec: `cpus_per_worker` (default: 1 with
+    GPUs; on CPU, at most 1 and leaving one CPU of the cluster to the data tasks),
+    `deterministic_data` (every worker reads the whole stream in order and keeps items r::W of
+    each global batch: results then do not depend on the number of workers, at W times the
+    decoding work; for tests and debugging), `loss` (criterion settings; default the reference).
+
+    Returns {"name", "run_dir", "final_bundle", "start_step", "step", "metrics" (the last
+    report), "history" (every report of the run, resumed ones included)}.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    _check(steps=steps, batch_size=batch_size, num_workers=num_workers,
+           checkpoint_every=checkpoint_every, eval_every=eval_every, num_to_keep=num_to_keep)
+    lsj = LSJConfig(crop_size=crop_size, min_scale=min_scale, max_scale=max_scale)
+    run_uri = join(storage, name)
+    categories, reinit = _label_space(train, model)
+    split = load_split(train, category_order=[c.id for c in categories])
+    if not ray.is_initialized():  # no address: a Ray instance of our own, never a stray one
+        ray.init(address=address or "local")
+    storage_fs, storage_path = _ray_storage(storage)
+    start_step = latest_step(run_uri)
+    if start_step:
+        print(f"[{name}] found a checkpoint at step {start_step} in {redact(run_uri)}: resuming",
+              flush=True)
+    if cpus_per_worker is None:
+        cpus_per_worker = _default_cpus_per_worker(num_workers, use_gpu)
+    global_batch = num_workers * batch_size
+    dataset = train_dataset(split, lsj=lsj, seed=seed, start=start_step * global_batch,
+                            num_samples=max(steps - start_step, 1) * global_batch)
+    loop = LoopConfig(
+        name=name, model=model, categories=categories, reinit_class_head=reinit,
+        crop_size=crop_size, steps=steps, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, backbone_lr_multiplier=backbone_lr_multiplier,
+        warmup_steps=warmup_steps, clip_grad=clip_grad, checkpoint_every=checkpoint_every,
+        eval_every=eval_every, seed=seed, data_start_step=start_step,
+        deterministic_data=deterministic_data, threads=max(1, int(cpus_per_worker)),
+        loss=loss or LossConfig(), val=val, run_uri=run_uri)
+    data_config = ray.train.DataConfig()
+    if deterministic_data:
+        from ray.data import ExecutionOptions
+
+        data_config = ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True))
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)),
+        datasets={"train": dataset},
+        dataset_config=data_config,
+    )
+    result = trainer.fit()
+    history = read_history(run_uri)
+    return {
+        "name": name,
+        "run_dir": redact(run_uri),
+        "final_bundle": redact(join(run_uri, "final")),
+        "start_step": start_step,
+        "step": history[-1]["step"] if history else start_step,
+        "metrics": dict(result.metrics or {}),
+        "history": history,
+    }
+
+
+def _check(**values: int) -> None:
+    for key, value in values.items():
+        minimum = 0 if key == "eval_every" else 1
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
+    """1 CPU per GPU worker; on CPU clusters leave at least one CPU for the data tasks."""
+    import ray
+
+    if use_gpu:
+        return 1.0
+    total = float(ray.cluster_resources().get("CPU", 1))
+    share = (total - 1) / num_workers
+    if share <= 0:
+        raise ValueError(f"a cluster of {total:g} CPUs cannot hold {num_workers} training "
+                         "workers and the data tasks; use fewer workers or a bigger cluster")
+    return min(1.0, share)
+
+
+def _ray_storage(storage: str):
+    """(pyarrow filesystem or None, storage_path) for RunConfig."""
+    if is_remote(storage):
+        return pyarrow_filesystem(storage)
+    if storage.startswith("file://"):
+        storage = storage[len("file://"):]
+    return None, os.path.abspath(storage)
+
+
+def _label_space(train: str, source: str) -> tuple[tuple[Category, ...], bool]:
+    """(categories in class-index order, whether the class head must be re-initialised)."""
+    from pipeline.train.data import dataset_categories, split_layout
+
+    json_uri, _, _ = split_layout(train)
+    fs, path = get_filesystem(json_uri)
+    with fs.open(path, "rb") as f:
+        categories = dataset_categories(json.load(f))
+    if source in PRESETS:
+        return categories, True
+    start = _bundle_config(source)
+    if sorted(c.id for c in start.categories) == sorted(c.id for c in categories):
+        by_id = {c.id: c for c in categories}
+        return tuple(by_id[c.id] for c in start.categories), False
+    print(f"the train data's {len(categories)} categories differ from the bundle's "
+          f"{len(start.categories)}: the class head starts afresh", flush=True)
+    return categories, True
+
+
+def _bundle_config(uri: str) -> Mask2FormerConfig:
+    from model.bundle import CONFIG_FILE
+
+    fs, path = get_filesystem(join(uri, CONFIG_FILE))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"model {redact(uri)!r} is neither a preset ({sorted(PRESETS)}) "
+                                "nor a model bundle folder; pass one of those")
+    with fs.open(path, "r") as f:
+        return Mask2FormerConfig.from_dict(json.load(f)["config"])
+
+
+def latest_step(run_uri: str) -> int:
+    """The step of the checkpoint Ray Train will restore for the run at `run_uri` (0: none)."""
+    from ray.train import Result
+
+    storage_fs, path = _ray_storage(run_uri)
+    try:
+        result = Result.from_path(path, storage_filesystem=storage_fs)
+    except RuntimeError:  # no such run yet, or no snapshot
+        return 0
+    if result.checkpoint is None:
+        return 0
+    fs, ckpt = (storage_fs, result.checkpoint.path)
+    if fs is None:
+        with open(os.path.join(ckpt, STATE_JSON)) as f:
+            return int(json.load(f)["step"])
+    with fs.open_input_stream(f"{ckpt}/{STATE_JSON}") as f:
+        return int(json.loads(f.read())["step"])
+
+
+def read_history(run_uri: str) -> list[dict]:
+    """The metrics reported so far by the run at `run_uri` (rank 0's `history.json`)."""
+    fs, path = get_filesystem(join(run_uri, "history.json"))
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "rb") as f:
+        return json.load(f)
+

@@ -1,0 +1,52 @@
+"""Shared bits of the segment job tests: a tiny model bundle, inputs, reading the output."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.segment.tar import tar_bytes
+from pipeline.storage import get_filesystem
+
+
+def tiny_bundle(path: str) -> str:
+    import torch
+
+    from model.bundle import save_bundle
+    from model.mask2former import build_model
+
+    torch.manual_seed(0)
+    save_bundle(build_model("tiny"), path)
+    return path
+
+
+def image_bytes(seed: int, *, size=(72, 56), fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, names: list[str], *, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(image_bytes(seed + i))
+
+
+def tar_shard(members: dict[str, bytes]) -> bytes:
+    return tar_bytes(members)
+
+
+def read_output(dst: str) -> pa.Table:
+    """Every committed row under dst (read with pyarrow, as any user would)."""
+    fs, path = get_filesystem(dst)
+    files = sorted(p for p in fs.ls(f"{path.rstrip('/')}/data", detail=False)
+                   if p.endswith(".parquet"))
+    tables = [pq.read_table(fs.open(p)) for p in files]
+    return pa.concat_tables(tables) if tables else pa.table({})

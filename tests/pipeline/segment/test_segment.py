@@ -1,0 +1,162 @@
+"""The segment job end to end on a local Ray: one row per input, exactly once, re-runs safe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+from bad_inputs import EXIF_UPRIGHT_SIZE, make_bad_inputs
+from segment_helpers import image_bytes, read_output, tar_shard, tiny_bundle, write_images
+
+from pipeline.segment.commits import OutputLocked, WriterLock
+from pipeline.segment.job import run_segment
+from pipeline.segment.schema import validate_rows
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> str:
+    return tiny_bundle(str(tmp_path_factory.mktemp("bundle") / "tiny"))
+
+
+def test_local_folder_with_bad_inputs_then_incremental_rerun(tmp_path, bundle, ray_local):
+    src, dst = tmp_path / "in", str(tmp_path / "out")
+    write_images(src / "a", [f"img{i}.jpg" for i in range(3)])
+    expected = make_bad_inputs(src / "b")
+    summary = run_segment(src=str(src), dst=dst, model=bundle, files_per_shard=4,
+                          progress=False)
+    table = read_output(dst)
+    assert validate_rows(table) == []
+    rows = {r["image_id"].rsplit("/", 1)[-1]: r for r in table.to_pylist()}
+    assert len(table) == 3 + len(expected) == summary.images_ok + summary.images_failed
+    for name, status in expected.items():
+        assert rows[name]["status"] == status, (name, rows[name]["error"])
+    assert (rows["exif_rotated.jpg"]["width"], rows["exif_rotated.jpg"]["height"]) == (
+        EXIF_UPRIGHT_SIZE)
+    assert "too large" in rows["bomb.png"]["error"]
+    assert {r["model_id"] for r in table.to_pylist()} == {json.loads(
+        Path(bundle, "config.json").read_text())["name"] + "@" + rows["img0.jpg"]["model_id"]
+        .split("@")[1]}
+
+    again = run_segment(src=str(src), dst=dst, model=bundle, files_per_shard=4, progress=False)
+    assert again.shards_done == 0 and again.shards_skipped == summary.shards_done
+
+    write_images(src / "c", ["new0.png", "new1.png"], seed=50)
+    later = run_segment(src=str(src), dst=dst, model=bundle, files_per_shard=4, progress=False)
+    assert later.images_ok + later.images_failed == 2
+    final = read_output(dst)
+    ids = final.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 3 + len(expected) + 2
+
+
+def test_tar_shards_on_s3_to_parquet_on_s3(tmp_path, bundle, s3_bucket, s3_server, ray_local):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for shard in range(2):
+        members = {f"k{shard}_{i}.jpg": image_bytes(10 * shard + i) for i in range(3)}
+        members[f"k{shard}_0.json"] = b"{}"  # WebDataset side files are not inputs
+        s3.put_object(Bucket=s3_bucket, Key=f"in/part-{shard}.tar", Body=tar_shard(members))
+    dst = f"s3://{s3_bucket}/out"
+    summary = run_segment(src=f"s3://{s3_bucket}/in", dst=dst, model=bundle, progress=False)
+    assert (summary.shards_done, summary.images_ok, summary.images_failed) == (2, 6, 0)
+    table = read_output(dst)
+    assert validate_rows(table) == []
+    assert sorted(table.column("image_id").to_pylist()) == sorted(
+        f"part-{s}.tar/k{s}_{i}" for s in range(2) for i in range(3))
+    assert all(u.startswith(f"s3://{s3_bucket}/in/part-") for u in
+               table.column("image_uri").to_pylist())
+    # nothing of the credentials leaks into the rows
+    text = json.dumps(table.drop(["panoptic_png"]).to_pylist(), default=str)
+    assert "testing-secret" not in text
+
+    # the scheduled re-run after a new shard arrived does that shard only
+    s3.put_object(Bucket=s3_bucket, Key="in/part-2.tar",
+                  Body=tar_shard({"k2_0.jpg": image_bytes(99)}))
+    later = run_segment(src=f"s3://{s3_bucket}/in", dst=dst, model=bundle, progress=False)
+    assert (later.shards_done, later.shards_skipped, later.images_ok) == (1, 2, 1)
+    assert read_output(dst).num_rows == 7
+
+
+def test_output_reads_back_without_panoray(tmp_path, bundle, ray_local):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    write_images(src, ["x.jpg", "y.jpg"])
+    (src / "broken.jpg").write_bytes(b"nope")
+    run_segment(src=str(src), dst=str(dst), model=bundle, progress=False)
+    files = str(dst / "data" / "*.parquet")
+    frame = pd.concat(pd.read_parquet(p) for p in sorted((dst / "data").glob("*.parquet")))
+    assert sorted(frame["status"]) == ["error", "ok", "ok"]
+    lf = pl.read_parquet(files)
+    assert lf.filter(pl.col("status") == "ok")["segments_info"].list.len().min() >= 0
+    con = duckdb.connect()
+    n_ok, n_err = con.execute(
+        f"select count(*) filter (where status = 'ok'), count(*) filter (where status = 'error')"
+        f" from read_parquet('{files}')").fetchone()
+    assert (n_ok, n_err) == (2, 1)
+    bboxes = con.execute(f"select s.bbox from read_parquet('{files}'), unnest(segments_info) t(s)"
+                         ).fetchall()
+    assert all(len(b[0]) == 4 for b in bboxes)
+
+
+def test_a_second_job_on_the_same_output_is_refused(tmp_path, bundle):
+    src, dst = tmp_path / "in", str(tmp_path / "out")
+    write_images(src, ["x.jpg"])
+    with WriterLock(dst):
+        with pytest.raises(OutputLocked, match="another panoray job"):
+            run_segment(src=str(src), dst=dst, model=bundle, progress=False)
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_regrouped_loose_files_leave_no_duplicates(tmp_path):
+    """A file added next to others changes its shard's id; the old shard's rows must go."""
+    import pyarrow as pa
+
+    from pipeline.segment.commits import OutputStore, shard_key
+    from pipeline.segment.job import RegroupedFiles
+    from pipeline.segment.sources import list_shards
+
+    src = tmp_path / "in"
+    write_images(src, [f"img{i:02d}.jpg" for i in range(0, 40, 2)])
+    before = list_shards(str(src), files_per_shard=4)
+    store = OutputStore(str(tmp_path / "out"))
+
+    def commit(shard):
+        ids = sorted(shard.members)
+        store.commit_shard(shard.id, pa.table({"image_id": ids, "shard": [shard.id] * len(ids)}))
+
+    for shard in before:
+        commit(shard)
+    # add one file that lands inside an existing shard (not at a boundary)
+    for i in range(1, 40, 2):
+        write_images(src, [f"img{i:02d}.jpg"], seed=100 + i)
+        after = list_shards(str(src), files_per_shard=4)
+        if len({s.id for s in before} - {s.id for s in after}) == 1:
+            break
+        (src / f"img{i:02d}.jpg").unlink()
+    else:
+        pytest.fail("no insertion changed exactly one shard")
+    changed = [s for s in after if s.id not in {b.id for b in before}]
+    committed = store.committed_keys()
+    regrouped = RegroupedFiles(store, after, committed)
+    for shard in changed:  # what the job does: commit the new shard, then clean up
+        commit(shard)
+        regrouped.after_commit(shard.id)
+    ids = [i for key in store.committed_keys() for i in store.image_ids(key)]
+    assert sorted(ids) == sorted(m for s in after for m in s.members)
+    assert all(shard_key(s.id) in store.committed_keys() for s in after)
+
+
+def test_io_workers_lower_their_priority_once():
+    """yield_cpu drops a process's priority by the asked amount the first time only."""
+    import subprocess
+    import sys
+
+    code = ("import os; from pipeline.segment.rows import yield_cpu; "
+            "before = os.getpriority(os.PRIO_PROCESS, 0); yield_cpu(3); yield_cpu(3); "
+            "print(os.getpriority(os.PRIO_PROCESS, 0) - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[3])
+    assert out.stdout.strip() == "3"
