@@ -17,9 +17,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "pipeline"))
 
-from segment_helpers import read_output, tiny_bundle, write_images  # noqa: E402
+from segment_helpers import read_output, tiny_bundle, write_images
 
 
 def _port() -> int:
