@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from segment_helpers import read_output, tiny_bundle, write_images
 
 REPO = Path(__file__).resolve().parents[2]
-
-from segment_helpers import read_output, tiny_bundle, write_images
 
 
 def _port() -> int:
