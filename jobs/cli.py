@@ -239,7 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(str(e.args[0] if e.args else e)) from None
     print(text)
     if args.out:
-        from pipeline.storage import get_filesystem
+        from model.storage import get_filesystem
 
         fs, path = get_filesystem(args.out)
         fs.pipe_file(path, doc.encode())
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("panoray: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as e:
-        from pipeline.storage import redact
+        from model.storage import redact
 
         message = redact(str(e).strip() or type(e).__name__).splitlines()[0]
         print(f"panoray {args.command}: error: {message}", file=sys.stderr)

@@ -15,8 +15,8 @@ import logging
 import time
 from pathlib import Path
 
+from model.storage import get_filesystem, join
 from pipeline.segment.tar import tar_bytes
-from pipeline.storage import get_filesystem, join
 
 log = logging.getLogger(__name__)
 

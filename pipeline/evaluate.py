@@ -37,8 +37,8 @@ from urllib.parse import urlencode
 
 import numpy as np
 
+from model.storage import join, split_endpoint
 from pipeline.coco.panoptic_io import VOID, load_coco_panoptic, read_panoptic_png
-from pipeline.storage import join, split_endpoint
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A COCO panoptic PNG is an RGB image whose colour encodes a segment id per pixel:
 ``id = R + 256 * G + 256**2 * B``; id 0 is VOID (unlabelled). The JSON beside it lists, per
 image, the segments (``segments_info``: id, category_id, iscrowd, area, bbox [x, y, w, h]) and
 the PNG's ``file_name`` in the segmentation folder. Everything here takes any URI that
-:func:`pipeline.storage.get_filesystem` understands (local path, ``s3://``, ...).
+:func:`model.storage.get_filesystem` understands (local path, ``s3://``, ...).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from pipeline.storage import get_filesystem, redact
+from model.storage import get_filesystem, redact
 
 VOID = 0
 MAX_ID = 256**3 - 1  # the largest id three 8-bit channels can hold

@@ -5,7 +5,7 @@ varied size and rotation that may overlap, each keeping most of itself visible) 
 textured background regions ("stuff": sky gradient, grass noise, water stripes, sand dots).
 Shape colours lean to a hue per class with some variation, so shape is the main cue.
 
-Layout under ``dst`` (any URI :mod:`pipeline.storage` understands)::
+Layout under ``dst`` (any URI :mod:`model.storage` understands)::
 
     dst/train/panoptic.json          COCO panoptic JSON: images, annotations, categories
     dst/train/images/<id>.jpg        the RGB image, <id> = image id as 12 digits
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from model.storage import get_filesystem, join, redact
 from pipeline.coco.panoptic_io import encode_panoptic_png, segment_stats
-from pipeline.storage import get_filesystem, join, redact
 
 SYNTH_CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "isthing": 1, "color": [220, 40, 40], "supercategory": "shape"},

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import get_filesystem, join
+from model.storage import get_filesystem, join
 
 log = logging.getLogger(__name__)
 

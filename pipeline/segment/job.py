@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from model.storage import redact
 from pipeline.segment.commits import OutputStore, WriterLock, shard_key
 from pipeline.segment.predictor import PanopticPredictor
 from pipeline.segment.rows import ShardAssembler, decode_stage, encode_stage, read_shard
 from pipeline.segment.sources import list_shards
-from pipeline.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _bundle_info(model_uri: str):
 
     from model.bundle import CONFIG_FILE, bundle_id
     from model.config import Mask2FormerConfig
-    from pipeline.storage import get_filesystem, join
+    from model.storage import get_filesystem, join
 
     model_id = bundle_id(model_uri)  # also checks that both files are there
     fs, path = get_filesystem(join(model_uri, CONFIG_FILE))

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from model.storage import get_filesystem, join
 from pipeline.coco.panoptic_io import decode_panoptic_png, load_coco_panoptic, read_panoptic_png
 from pipeline.evaluate import PQStat, format_pq_table, pq_image_stat, pq_results
-from pipeline.storage import get_filesystem, join
 
 log = logging.getLogger(__name__)
 

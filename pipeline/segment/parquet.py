@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.storage import filesystem_for, shown_uri, storage_errors
 from pipeline.segment.shards import Shard, record
-from pipeline.storage import filesystem_for, shown_uri, storage_errors
 
 _IMAGE_NAMES = ("image", "image_bytes", "img", "jpg", "jpeg", "png", "webp", "bytes", "content",
                 "data", "image_data")

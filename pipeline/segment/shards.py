@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pipeline.storage import redact
+from model.storage import redact
 
 ShardKind = Literal["tar", "files", "parquet"]
 

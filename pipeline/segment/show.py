@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.storage import get_filesystem, join
 from pipeline.coco.overlay import contact_sheet, render_overlay
 from pipeline.coco.panoptic_io import decode_panoptic_png
 from pipeline.segment.decode import DecodeError, decode_image
 from pipeline.segment.output import read_output_rows
 from pipeline.segment.sources import iter_shard_records, list_shards
-from pipeline.storage import get_filesystem, join
 
 log = logging.getLogger(__name__)
 

@@ -47,10 +47,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
-from pipeline.segment.parquet import check_columns, iter_parquet_records
-from pipeline.segment.shards import IMAGE_EXTENSIONS, Shard, ShardKind, image_extension, record
-from pipeline.segment.tar import iter_tar_records
-from pipeline.storage import (
+from model.storage import (
     filesystem_for,
     is_remote,
     join,
@@ -58,6 +55,9 @@ from pipeline.storage import (
     split_endpoint,
     storage_errors,
 )
+from pipeline.segment.parquet import check_columns, iter_parquet_records
+from pipeline.segment.shards import IMAGE_EXTENSIONS, Shard, ShardKind, image_extension, record
+from pipeline.segment.tar import iter_tar_records
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from model.storage import filesystem_for, shown_uri, storage_errors
 from pipeline.segment.shards import IMAGE_EXTENSIONS, Shard, image_rank, record
-from pipeline.storage import filesystem_for, shown_uri, storage_errors
 
 _BLOCK = 512
 

@@ -49,9 +49,9 @@ import torch
 from PIL import Image
 
 from model.config import Category
+from model.storage import get_filesystem, join, redact
 from pipeline.coco.panoptic_io import decode_panoptic_png, index_coco_panoptic, read_bytes
 from pipeline.segment.decode import decode_image
-from pipeline.storage import get_filesystem, join, redact
 
 IMAGE_PAD_VALUE = 128  # grey, the reference's FixedSizeCrop pad value
 ROWS_PER_TASK = 4  # examples made per Ray Data batch: small, so the stream stays smooth

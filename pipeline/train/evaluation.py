@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from model.storage import join
 from pipeline.coco.panoptic_io import decode_panoptic_png, load_coco_panoptic, read_bytes
 from pipeline.evaluate import PQStat, pq_image_stat, pq_results
 from pipeline.segment.decode import decode_image
 from pipeline.segment.predictor import PanopticPredictor
-from pipeline.storage import join
 from pipeline.train.data import split_layout
 
 # The reference trains on 1024 crops and tests with the shorter side at 800 (longer <= 1333).

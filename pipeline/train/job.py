@@ -32,7 +32,7 @@ from typing import Any
 
 from model.config import PRESETS, Category, Mask2FormerConfig
 from model.criterion import LossConfig
-from pipeline.storage import get_filesystem, is_remote, join, pyarrow_filesystem, redact
+from model.storage import get_filesystem, is_remote, join, pyarrow_filesystem, redact
 from pipeline.train.data import LSJConfig, load_split, train_dataset
 from pipeline.train.loop import STATE_JSON, LoopConfig, train_loop_per_worker
 

@@ -39,7 +39,7 @@ from model.criterion import LossConfig, build_criterion
 from model.mask2former import build_model
 from model.optim import build_optimizer, clip_grad_norm, warmup_poly_scheduler
 from model.point_sampling import seeded_generators
-from pipeline.storage import get_filesystem, join, redact
+from model.storage import get_filesystem, join, redact
 from pipeline.train.data import to_model_inputs
 from pipeline.train.evaluation import evaluate_pq, test_size_for_crop
 
@@ -102,7 +102,7 @@ def _with_test_size(cfg: Mask2FormerConfig, crop_size: int, name: str) -> Mask2F
 
 
 def load_bundle_any(uri: str) -> torch.nn.Module:
-    """load_bundle for any storage URI (S3 endpoint overrides through `pipeline.storage`)."""
+    """load_bundle for any storage URI (S3 endpoint overrides through `model.storage`)."""
     fs, path = get_filesystem(uri)
     return load_bundle(path, filesystem=fs)
 

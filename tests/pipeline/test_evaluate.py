@@ -288,7 +288,7 @@ def test_process_pool_and_ray_give_the_local_numbers(tmp_path, ray_local):
 
 
 def test_files_on_s3(tmp_path, s3_bucket):
-    from pipeline.storage import get_filesystem
+    from model.storage import get_filesystem
 
     gt, pred = random_case(3)
     gt_json = write_panoptic(tmp_path, "gt", gt)

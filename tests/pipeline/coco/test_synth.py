@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.storage import get_filesystem
 from pipeline.coco.panoptic_io import load_coco_panoptic, read_panoptic_png, segment_stats
 from pipeline.coco.synth import SYNTH_CATEGORIES, make_synthetic_dataset
 from pipeline.evaluate import pq_compute
-from pipeline.storage import get_filesystem
 
 SIZE = (96, 112)  # (H, W): not square, so a swapped axis shows
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from model.storage import get_filesystem
 from pipeline.segment.tar import tar_bytes
-from pipeline.storage import get_filesystem
 
 
 def tiny_bundle(path: str) -> str:

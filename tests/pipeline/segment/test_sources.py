@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from model.storage import get_filesystem
 from pipeline.segment.sources import Shard, iter_shard_records, list_shards
-from pipeline.storage import get_filesystem
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:

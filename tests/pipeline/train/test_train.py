@@ -18,8 +18,8 @@ import torch
 
 from model.criterion import LossConfig, build_criterion
 from model.optim import build_optimizer, warmup_poly_scheduler
+from model.storage import get_filesystem
 from pipeline.coco.synth import make_synthetic_dataset
-from pipeline.storage import get_filesystem
 from pipeline.train.data import LSJConfig, example_at, load_split
 from pipeline.train.job import latest_step, run_finetune
 from pipeline.train.loop import initial_model, load_bundle_any, train_step

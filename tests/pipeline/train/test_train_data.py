@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from scipy.ndimage import binary_erosion
 
+from model.storage import get_filesystem
 from pipeline.coco.panoptic_io import encode_panoptic_png
-from pipeline.storage import get_filesystem
 from pipeline.train.data import (
     IMAGE_PAD_VALUE,
     LSJConfig,

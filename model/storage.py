@@ -1,4 +1,8 @@
-"""Object storage access: one place that turns a URI into a filesystem.
+"""Object storage access: the one place that turns a URI into a filesystem.
+
+Every URI of every command goes through here: bundles (`model.bundle`), inputs, outputs,
+training data and checkpoints (`pipeline/`). It lives at the bottom of the house, in `model/`,
+because `model.load_bundle` / `save_bundle` take URIs too; it imports no Ray.
 
 Any fsspec URI works: a local path, ``file://``, ``s3://``, ``gs://``, ``memory://``. For
 S3-compatible stores the endpoint comes from, in order: an ``endpoint`` query on the URI
