@@ -101,3 +101,48 @@ def test_load_coco_panoptic_indexes_by_image_and_category(tmp_path):
 def test_reading_a_missing_png_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.png"):
         read_panoptic_png(str(tmp_path / "nope.png"))
+
+
+def _plain_stats(ids: np.ndarray) -> dict[int, tuple[int, list[int]]]:
+    """The statistics by definition, one segment at a time (the oracle)."""
+    out = {}
+    for seg_id in np.unique(ids):
+        if seg_id == 0:
+            continue
+        ys, xs = np.nonzero(ids == seg_id)
+        out[int(seg_id)] = (len(ys), [int(xs.min()), int(ys.min()),
+                                      int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)])
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (7, 13), (64, 48)])
+def test_segment_stats_equal_the_plain_definition_on_random_maps(shape):
+    rng = np.random.default_rng(sum(shape))
+    for trial in range(20):
+        # Few ids in blocks (runs) and scattered pixels (split segments, runs of one).
+        ids = rng.choice([0, 1, 2, 300, 70000], size=shape).astype(np.int32)
+        if trial % 2:
+            ids = np.repeat(ids[:, : max(1, shape[1] // 3)], 3, axis=1)[:, : shape[1]]
+            ids = np.pad(ids, ((0, 0), (0, shape[1] - ids.shape[1])))
+        assert segment_stats(ids) == _plain_stats(ids)
+
+
+def test_segment_stats_of_an_all_void_map_is_empty():
+    assert segment_stats(np.zeros((5, 4), np.int32)) == {}
+
+
+def test_png_is_read_alike_by_pillow_and_by_our_decoder():
+    # Pillow is an independent PNG decoder: what panopticapi and friends use.
+    rng = np.random.default_rng(3)
+    ids = np.repeat(rng.integers(0, 2**24, size=(20, 1)), 33, axis=1).astype(np.uint32)
+    ids[::3, ::5] = 17
+    data = encode_panoptic_png(ids)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == "RGB" and img.size == (33, 20)
+        rgb = np.asarray(img).astype(np.uint32)
+    assert np.array_equal(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2], ids)
+
+
+def test_encode_refuses_an_empty_map():
+    with pytest.raises(ValueError, match="at least one pixel"):
+        encode_panoptic_png(np.zeros((0, 4), np.int32))
