@@ -2,8 +2,17 @@
 
 Layout of an output URI ``DST``::
 
-    DST/data/<shard key>.parquet   every row of one input shard; present == committed
-    DST/_panoray.lock              the single-writer lock (JSON, refreshed by a heartbeat)
+    DST/data/<shard key>.parquet               every row of one input shard; present == committed
+    DST/_staging/<run>/<shard key>/<uuid>.parquet  parts written by workers (attempt-unique)
+    DST/_panoray.lock                          the single-writer lock (JSON, with a heartbeat)
+
+The protocol is Spark's output committer / Beam's finalize step: workers write their rows as
+*parts* under names unique to the attempt (:meth:`OutputStore.stage_part`), so a retried or
+duplicated task never overwrites anything; they report only (shard, part name, ordinals) to the
+coordinator, which tracks each shard's ordinals (:class:`ShardProgress`) and, once every image
+of a shard is in some part, authorises exactly one commit of it (:meth:`OutputStore.commit_parts`,
+run on a worker: it reads the parts, keeps one row per image, and writes the shard's file).
+Parts of killed runs are garbage: the next run holding the lock removes ``_staging``.
 
 A shard's file appears in one atomic step (a single object PUT on object stores, a rename on a
 local disk) under a name derived only from the shard's id, so a shard is either wholly in the
@@ -26,6 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -34,6 +44,7 @@ from model.storage import get_filesystem, join
 log = logging.getLogger(__name__)
 
 DATA_DIR = "data"
+STAGING_DIR = "_staging"
 LOCK_NAME = "_panoray.lock"
 
 
@@ -136,11 +147,125 @@ class OutputStore:
 
     def commit_shard(self, shard_id: str, table: pa.Table) -> str:
         """Write every row of one shard as one Parquet file, atomically; returns its path."""
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
         path = f"{self.data_path}/{shard_key(shard_id)}.parquet"
-        _atomic_write(self.fs, path, buf.getvalue())
+        _atomic_write(self.fs, path, _parquet_bytes(table))
         return path
+
+    # -- parts: what workers write before a shard is committed ----------------------------
+
+    def staging_path(self, run_id: str, shard_id: str) -> str:
+        return f"{self.path.rstrip('/')}/{STAGING_DIR}/{run_id}/{shard_key(shard_id)}"
+
+    def stage_part(self, run_id: str, shard_id: str, table: pa.Table) -> str:
+        """Write some rows of one shard as a part under an attempt-unique name; returns its
+        path (inside this store's filesystem). Nothing is visible to readers of ``data/``."""
+        path = f"{self.staging_path(run_id, shard_id)}/{uuid.uuid4().hex}.parquet"
+        _atomic_write(self.fs, path, _parquet_bytes(table))
+        return path
+
+    def commit_parts(self, shard_id: str, parts: list[str], *, expected: int,
+                     schema: pa.Schema) -> pa.Table:
+        """Commit one shard from its parts: one row per ``image_id`` (a part written twice by a
+        retried task adds nothing), sorted by ``image_id``, checked against ``expected``
+        images, written atomically as the shard's file (``schema`` for a shard with no image);
+        the parts are removed afterwards. Returns the committed table.
+
+        Raises RuntimeError when the parts hold fewer distinct images than ``expected`` (the
+        coordinator only commits complete shards, so this means a part went missing).
+        """
+        tables = []
+        for part in parts:
+            with self.fs.open(part, "rb") as f:
+                tables.append(pq.read_table(f, schema=schema))
+        table = pa.concat_tables(tables) if tables else schema.empty_table()
+        first: dict[str, int] = {}
+        for row, image_id in enumerate(table.column("image_id").to_pylist()):
+            first.setdefault(image_id, row)
+        if len(first) < expected:
+            raise RuntimeError(f"shard {shard_id}: its parts hold {len(first)} of {expected} "
+                               "images; re-run the job (committed shards are kept)")
+        table = table.take(pa.array([first[i] for i in sorted(first)], type=pa.int64()))
+        self.commit_shard(shard_id, table)
+        for part in parts:
+            try:
+                self.fs.rm_file(part)
+            except FileNotFoundError:
+                pass
+        return table
+
+    def clear_staging(self, *, keep_run: str | None = None) -> int:
+        """Remove the parts of earlier (killed) runs; only call it while holding the lock."""
+        root = f"{self.path.rstrip('/')}/{STAGING_DIR}"
+        try:
+            runs = self.fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for run in runs:
+            if keep_run is not None and os.path.basename(run.rstrip("/")) == keep_run:
+                continue
+            try:
+                self.fs.rm(run, recursive=True)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class ShardProgress:
+    """The coordinator's view of the shards in flight: names, counts and ordinals, no rows.
+
+    Each image of a shard has an ordinal (its position in the shard, 0..n-1) and each shard
+    sends one end marker with n. Parts report the ordinals they hold; a shard is complete once
+    every ordinal below n has been reported, whatever the order and however many duplicates.
+    Memory: one bit per image of the shards in flight; nothing per committed shard.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, np.ndarray] = {}
+        self._expected: dict[str, int] = {}
+        self._parts: dict[str, list[str]] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self._seen.keys() | self._expected.keys())
+
+    def _bits(self, shard: str, need: int) -> np.ndarray:
+        bits = self._seen.get(shard)
+        if bits is None or len(bits) < need:
+            grown = np.zeros(max(need, 2 * (0 if bits is None else len(bits)), 64), dtype=bool)
+            if bits is not None:
+                grown[: len(bits)] = bits
+            self._seen[shard] = bits = grown
+        return bits
+
+    def add_part(self, shard: str, part: str, ordinals: np.ndarray) -> None:
+        ordinals = np.asarray(ordinals, dtype=np.int64)
+        if len(ordinals):
+            self._bits(shard, int(ordinals.max()) + 1)[ordinals] = True
+        else:
+            self._bits(shard, 0)
+        self._parts.setdefault(shard, []).append(part)
+
+    def add_end(self, shard: str, count: int) -> None:
+        self._expected[shard] = int(count)
+        self._bits(shard, int(count))
+
+    def complete(self, shard: str) -> bool:
+        expected = self._expected.get(shard)
+        return expected is not None and bool(self._seen[shard][:expected].all())
+
+    def pop(self, shard: str) -> tuple[list[str], int]:
+        """(parts, expected images) of a complete shard; forgets it."""
+        expected = self._expected.pop(shard)
+        self._seen.pop(shard, None)
+        return self._parts.pop(shard, []), expected
 
 
 class OutputLocked(RuntimeError):

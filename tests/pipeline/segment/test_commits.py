@@ -7,11 +7,18 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.segment.commits import OutputLocked, OutputStore, WriterLock, shard_key
+from pipeline.segment.commits import (
+    OutputLocked,
+    OutputStore,
+    ShardProgress,
+    WriterLock,
+    shard_key,
+)
 
 
 def _table(n: int, shard: str) -> pa.Table:
@@ -84,3 +91,69 @@ def test_a_lock_taken_over_is_noticed_by_its_old_holder(tmp_path):
         lock.ensure_held()
     lock.release()
     assert json.loads((tmp_path / "out" / "_panoray.lock").read_text())["run_id"] == "other"
+
+
+SCHEMA = pa.schema([("image_id", pa.string()), ("shard", pa.string())])
+
+
+def _rows(shard: str, ordinals) -> pa.Table:
+    return pa.table({"image_id": [f"{shard}/{i}" for i in ordinals],
+                     "shard": [shard] * len(ordinals)}, schema=SCHEMA)
+
+
+def test_parts_commit_once_with_one_row_per_image_and_vanish(out_uri):
+    store = OutputStore(out_uri)
+    # Three parts, one of them a retried task's duplicate of another.
+    parts = [store.stage_part("run1", "s/a.tar", _rows("a", [2, 0])),
+             store.stage_part("run1", "s/a.tar", _rows("a", [1])),
+             store.stage_part("run1", "s/a.tar", _rows("a", [1]))]
+    assert len(set(parts)) == 3  # attempt-unique names: nothing overwritten
+    assert store.committed_keys() == set()  # parts are invisible to readers of data/
+    table = store.commit_parts("s/a.tar", parts, expected=3, schema=SCHEMA)
+    assert table.column("image_id").to_pylist() == ["a/0", "a/1", "a/2"]
+    assert store.committed_keys() == {shard_key("s/a.tar")}
+    with store.fs.open(f"{store.data_path}/{shard_key('s/a.tar')}.parquet") as f:
+        assert pq.read_table(f).num_rows == 3
+    assert not any(store.fs.exists(p) for p in parts)
+
+
+def test_a_shard_missing_a_part_is_refused_not_committed_short(out_uri):
+    store = OutputStore(out_uri)
+    parts = [store.stage_part("run1", "s/b.tar", _rows("b", [0, 1]))]
+    with pytest.raises(RuntimeError, match="2 of 3 images"):
+        store.commit_parts("s/b.tar", parts, expected=3, schema=SCHEMA)
+    assert store.committed_keys() == set()
+
+
+def test_a_shard_without_images_commits_an_empty_file(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    assert store.commit_parts("s/empty.tar", [], expected=0, schema=SCHEMA).num_rows == 0
+    assert store.committed_keys() == {shard_key("s/empty.tar")}
+
+
+def test_clear_staging_removes_parts_of_other_runs_only(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    old = store.stage_part("killed", "s/a.tar", _rows("a", [0]))
+    mine = store.stage_part("current", "s/a.tar", _rows("a", [0]))
+    assert store.clear_staging(keep_run="current") == 1
+    assert not store.fs.exists(old) and store.fs.exists(mine)
+
+
+def test_shard_progress_completes_on_every_ordinal_whatever_the_order():
+    progress = ShardProgress()
+    progress.add_part("a", "p1", np.array([3, 1]))
+    assert not progress.complete("a")  # no end marker yet
+    progress.add_end("a", 4)
+    progress.add_part("a", "p2", np.array([1]))  # a duplicate adds nothing
+    assert not progress.complete("a")  # 0 and 2 missing
+    progress.add_part("a", "p3", np.array([0, 2]))
+    assert progress.complete("a")
+    assert progress.pop("a") == (["p1", "p2", "p3"], 4)
+    assert progress.pending == 0
+    progress.add_end("empty", 0)
+    assert progress.complete("empty")
+    progress.add_part("big", "p", np.arange(1000))  # grows past its first allocation
+    progress.add_end("big", 1001)
+    assert not progress.complete("big")
+    progress.add_part("big", "q", np.array([1000]))
+    assert progress.complete("big")
