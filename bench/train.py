@@ -7,8 +7,9 @@ logits in eval mode). Both then train on the same LSJ batches of the synthetic d
 the Mask2Former loss (same weights, 12544 points, deep supervision), backward, full-model
 gradient clipping and an AdamW step; ours is `model.criterion`, HF's is its built-in loss
 (`mask_labels` / `class_labels`). The backbone's BatchNorm is frozen on both sides, as in the
-reference. Ours runs as the training loop runs it (on the CPU its backbone's 3x3 convolutions
-take the Winograd path of `model.conv`). Steps alternate between the two so machine load
+reference. Ours runs as the training loop runs it on the CPU: with the opt-in layer
+`model.cpu_training` (Winograd 3x3 convolutions, channels_last GroupNorm, 1x1 convolutions and
+AdamW, the compiled importance sampling). Steps alternate between the two so machine load
 hits both alike; the table gives images / s from the median step time after one warm-up step,
 float32, `--threads` torch threads (default 1: on a busy machine two threads on two cores stall
 each other at every op).
@@ -25,25 +26,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and would shadow the `model` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from model.config import Mask2FormerConfig, get_config  # noqa: E402
-from model.convert_hf import convert_hf  # noqa: E402
-from model.criterion import LossConfig, build_criterion  # noqa: E402
-from model.mask2former import build_model  # noqa: E402
-from model.optim import build_optimizer, clip_grad_norm  # noqa: E402
-from model.point_sampling import seeded_generators  # noqa: E402
-from pipeline.synth import make_synthetic_dataset  # noqa: E402
-from pipeline.train_data import LSJConfig, example_at, load_split, to_model_inputs  # noqa: E402
+from model.config import Mask2FormerConfig, get_config
+from model.convert_hf import convert_hf
+from model.cpu_training import (
+    ChannelsLastAdamW,
+    accelerate_cpu_training,
+    select_uncertain_points,
+)
+from model.criterion import LossConfig, build_criterion
+from model.mask2former import build_model
+from model.optim import build_optimizer, clip_grad_norm
+from model.point_sampling import seeded_generators
+from pipeline.coco.synth import make_synthetic_dataset
+from pipeline.train.data import LSJConfig, example_at, load_split, to_model_inputs
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
@@ -167,9 +169,12 @@ def speed(args) -> None:
         tmp = Path(tmp)
         for size in args.sizes:
             ours, hf = twin_models(args.preset, tmp / f"hf{size}")
-            criterion = build_criterion(LossConfig(), num_classes=ours.config.num_classes)
-            # Ours: the training loop's optimiser; HF: the Trainer's default (fused AdamW).
-            opt_ours = build_optimizer(ours, lr=1e-4)
+            # Ours: as the training loop sets it up on the CPU; HF: the Trainer's default
+            # optimiser (fused AdamW).
+            accelerate_cpu_training(ours)
+            criterion = build_criterion(LossConfig(), num_classes=ours.config.num_classes,
+                                        point_selector=select_uncertain_points)
+            opt_ours = build_optimizer(ours, lr=1e-4, adamw=ChannelsLastAdamW)
             opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], 1e-4,
                                        weight_decay=0.05, fused=True)
             data = batches(size, args.batch, args.repeats + 1, tmp / f"data{size}")
@@ -210,7 +215,7 @@ def speed(args) -> None:
 def quality(args) -> None:
     import ray
 
-    from pipeline.train import run_finetune
+    from pipeline.train.job import run_finetune
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="panoray-quality-"))
     data = work / "synth"

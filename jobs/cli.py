@@ -4,6 +4,7 @@ jobs/; errors a user can make end with one sentence on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -29,12 +30,64 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        from model.bundle import BundleMismatchError
+        from model.bundle import BundleError  # bad format, config or weights (mismatch too)
 
-        errors.append(BundleMismatchError)
+        errors.append(BundleError)
     except ImportError:
         pass
     return tuple(errors)
+
+
+def _add_param_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One argument per field of a job's parameter class: `--batch-size` for `batch_size`, the
+    type from its annotation, its help and default from its `param`. Every default here is
+    None, so that only the flags given override a --spec; the real defaults are the class's."""
+    from pipeline.params import job_fields, param_types
+
+    hints = param_types(cls)
+    for f in job_fields(cls):
+        tp, _ = hints[f.name]
+        help_text = f.metadata["help"]
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            shown = ("on" if f.default else "off") if tp is bool else f.default
+            help_text += f" (default: {shown})"
+        help_text = help_text.replace("%", "%%")
+        metavar = f.metadata["metavar"]
+        if f.metadata["positional"]:
+            p.add_argument(f.name, nargs="?", metavar=metavar, help=help_text)
+        elif tp is bool:
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=tp, default=None, metavar=metavar,
+                           choices=f.metadata.get("choices"), help=help_text)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _job_params(kind: str, args: argparse.Namespace):
+    """The job's parameters from `--spec FILE` (if given), then the flags given on top."""
+    from jobs.spec import KINDS, load_spec, parse_spec
+    from pipeline.params import as_kwargs, job_fields
+
+    values: dict = {}
+    if args.spec:
+        spec = load_spec(args.spec)
+        if spec.kind != kind:
+            raise UserError(f"{args.spec} is a {spec.kind} spec; use `panoray {spec.kind}`")
+        values = as_kwargs(spec.args)
+    fields = job_fields(KINDS[kind])
+    values.update({f.name: getattr(args, f.name) for f in fields
+                   if getattr(args, f.name) is not None})
+    for f in fields:
+        if f.default is dataclasses.MISSING and not values.get(f.name):
+            metavar = f.metadata["metavar"]
+            shown = metavar if f.metadata["positional"] else \
+                " ".join([_flag(f.name)] + ([metavar] if metavar else []))
+            raise UserError(f"{kind} needs {shown} (or a --spec that sets {f.name!r})")
+    return parse_spec({"kind": kind, **values}, source="command line").args
 
 
 def _add_segment(sub) -> None:
@@ -42,109 +95,42 @@ def _add_segment(sub) -> None:
                        description="Read image shards at SRC, predict panoptic segmentations with "
                        "the model bundle, write one Parquet row per image under DST. Re-runs "
                        "skip shards already done.")
-    p.add_argument("src", nargs="?", help="input URI: folder/prefix of .tar shards, images or "
-                   ".parquet files (s3://, gs://, local)")
-    p.add_argument("dst", nargs="?", help="output URI (s3://, gs://, local)")
-    p.add_argument("--model", help="model bundle URI")
+    from pipeline.params import SegmentParams
+
     p.add_argument("--spec", help="a segment job spec (YAML); flags given here override it")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-actors", type=int, help="predictor actors (default: one per GPU, "
-                   "else CPUs - 1)")
-    p.add_argument("--gpus-per-actor", type=float)
-    p.add_argument("--threads-per-actor", type=int)
-    p.add_argument("--files-per-shard", type=int)
-    p.add_argument("--image-column", help="bytes column of Parquet inputs (default: detect)")
-    p.add_argument("--max-pixels", type=int, help="larger images become error rows")
-    p.add_argument("--limit-shards", type=int, help="do at most this many new shards")
-    p.add_argument("--address", help="Ray cluster address (default: local Ray)")
+    _add_param_flags(p, SegmentParams)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_segment)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from jobs.spec import SegmentSpec, load_spec, parse_spec
     from pipeline.segment.job import run_segment
 
-    if args.spec:
-        spec = load_spec(args.spec)
-        if spec.kind != "segment":
-            raise UserError(f"{args.spec} is a {spec.kind} spec; use `panoray {spec.kind}`")
-        fields = dict(vars(spec.args))
-    else:
-        fields = {}
-    overrides = {"src": args.src, "dst": args.dst, "model": args.model,
-                 "batch_size": args.batch_size, "num_actors": args.num_actors,
-                 "gpus_per_actor": args.gpus_per_actor,
-                 "threads_per_actor": args.threads_per_actor,
-                 "files_per_shard": args.files_per_shard, "image_column": args.image_column,
-                 "max_pixels": args.max_pixels, "limit_shards": args.limit_shards,
-                 "address": args.address}
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("src", "dst", "model"):
-        if not fields.get(key):
-            flag = "--model BUNDLE" if key == "model" else key.upper()
-            raise UserError(f"segment needs {flag} (or a --spec that sets {key!r})")
-    spec = parse_spec({"kind": "segment", **fields}, source="command line")
-    assert isinstance(spec.args, SegmentSpec)
-    summary = run_segment(**vars(spec.args), progress=not args.no_progress)
+    params = _job_params("segment", args)
+    summary = run_segment(params=params, progress=not args.no_progress)
     print(summary.render())
     return 0 if summary.images_failed == 0 or summary.images_ok > 0 else 1
 
 
 def _add_finetune(sub) -> None:
-    import dataclasses
-
-    from jobs.spec import FinetuneSpec
+    from pipeline.params import FinetuneParams
 
     p = sub.add_parser("finetune", help="fine-tune on COCO-panoptic data with Ray Train (DDP)",
                        description="Train a preset (random init) or a bundle on a COCO panoptic "
                        "split at any URI; checkpoints go to --storage; re-running the same "
                        "--name resumes from its latest checkpoint.")
     p.add_argument("--spec", help="a finetune job spec (YAML); flags given here override it")
-    for f in dataclasses.fields(FinetuneSpec):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action="store_true", default=None)
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        p.add_argument(flag, dest=f.name, type=kind, default=None,
-                       help=_field_help(FinetuneSpec, f.name))
+    _add_param_flags(p, FinetuneParams)
     p.set_defaults(func=cmd_finetune)
 
 
-def _field_help(cls, name: str) -> str | None:
-    """The comment beside a spec field, as its --help text."""
-    import inspect
-    import re
-
-    match = re.search(rf"^\s+{name}: [^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
-    return match.group(1).replace("%", "%%") if match else None
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from jobs.spec import FinetuneSpec, load_spec, parse_spec
     from pipeline.train.job import run_finetune
 
-    fields: dict = {}
-    if args.spec:
-        spec = load_spec(args.spec)
-        if spec.kind != "finetune":
-            raise UserError(f"{args.spec} is a {spec.kind} spec; use `panoray {spec.kind}`")
-        fields = dict(vars(spec.args))
-    for f in dataclasses.fields(FinetuneSpec):
-        value = getattr(args, f.name)
-        if value is not None:
-            fields[f.name] = value
-    for key in ("train", "storage"):
-        if not fields.get(key):
-            raise UserError(f"finetune needs --{key} (or a --spec that sets {key!r})")
-    model = fields.get("model", "tiny")
-    if "://" not in model and "/" not in model:
-        _check_preset(model)
-    spec = parse_spec({"kind": "finetune", **fields}, source="command line")
-    result = run_finetune(**vars(spec.args))
+    params = _job_params("finetune", args)
+    if "://" not in params.model and "/" not in params.model:
+        _check_preset(params.model)
+    result = run_finetune(params=params)
     metrics = result.get("metrics") or {}
     print(f"finetune {result['name']}: step {result['step']} (started at "
           f"{result['start_step']}); final bundle {result['final_bundle']}")
@@ -189,6 +175,7 @@ def _add_convert(sub) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from model.bundle import load_state_dict_into, save_bundle
     from model.mask2former import build_model
+    from model.storage import shown_uri
 
     if args.fmt == "hf":
         from model.convert_hf import convert_hf
@@ -205,7 +192,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     net = build_model(config)
     load_state_dict_into(net, state_dict)
     model_id = save_bundle(net, args.dst, name=args.name)
-    print(f"wrote bundle {model_id} to {args.dst}")
+    print(f"wrote bundle {model_id} to {shown_uri(args.dst)}")
     return 0
 
 

@@ -21,6 +21,7 @@ from pipeline.segment.tar import tar_bytes
 log = logging.getLogger(__name__)
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "demo_model"
+RECIPE = SHIPPED_MODEL / "finetune.yaml"  # the finetune spec that made the shipped bundle
 
 
 def pack_archive(images_uri: str, archive_uri: str, *, per_shard: int = 8) -> int:
@@ -41,6 +42,7 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
     """Run the demo into `out`; returns the paths and numbers it printed.
 
     `model` replaces the shipped bundle (a bundle over the synthetic label space)."""
+    from jobs.spec import load_spec
     from pipeline.coco.synth import make_synthetic_dataset
     from pipeline.segment.job import run_segment
     from pipeline.segment.output import evaluate_output, results_json
@@ -60,10 +62,10 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
         from pipeline.train.job import run_finetune
 
         print(f"[2/5] training tiny for {train_steps} steps (panoray finetune)")
-        result = run_finetune(train=join(data, "train"), storage=join(out, "runs"),
-                              name="demo", steps=train_steps, num_workers=2, crop_size=96,
-                              lr=5e-4, backbone_lr_multiplier=1.0, warmup_steps=20,
-                              min_scale=0.5, max_scale=1.5,
+        # the shipped bundle's recipe, for train_steps steps, on this demo's own paths
+        recipe = load_spec(RECIPE).args
+        result = run_finetune(params=recipe, train=join(data, "train"), val=None,
+                              storage=join(out, "runs"), steps=train_steps, eval_every=0,
                               checkpoint_every=max(train_steps // 2, 1))
         model = result["final_bundle"]
     elif model is None:

@@ -20,7 +20,6 @@ from torchvision.models.swin_transformer import (
 from torchvision.ops import misc
 
 from model.config import BackboneConfig
-from model.conv import adopt_winograd
 
 FEATURE_NAMES = ("res2", "res3", "res4", "res5")
 FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -46,7 +45,6 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, *, trunk: resnet.ResNet) -> None:
         super().__init__()
-        adopt_winograd(trunk)  # CPU training runs its 3x3 stride-1 convolutions by Winograd
         # Adopt the trunk's children under their own names so keys read `backbone.layer1...`.
         self.conv1, self.bn1, self.relu, self.maxpool = (
             trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
@@ -57,9 +55,8 @@ class ResNetBackbone(nn.Module):
         self.out_channels: dict[str, int] = dict(zip(FEATURE_NAMES, widths))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        # channels_last: oneDNN / cuDNN convolutions run without layout reorders, it is the
-        # layout of the Winograd path (model/conv.py), and the pixel decoder's
-        # flatten(2).transpose(1, 2) of these maps becomes free.
+        # channels_last: oneDNN / cuDNN convolutions run without layout reorders, and the pixel
+        # decoder's flatten(2).transpose(1, 2) of these maps becomes free.
         images = images.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (B, 64, H/4, W/4)
         res2 = self.layer1(x)

@@ -1,115 +1,161 @@
-"""Model bundles: a folder at any fsspec URI holding `config.json` and `model.safetensors`.
+"""Model bundles: a folder at any URI holding `config.json` and `model.safetensors`.
+
+The one door to bundles: reading the config (with the format checks), loading, saving and the
+`model_id` all live here, and every URI goes through `model.storage`, so
+`s3://bucket/m?endpoint=http://127.0.0.1:9000` works wherever a local path does.
 
     save_bundle(net, "s3://bucket/models/coco-r50")         # local paths work the same
-    net = load_bundle("s3://bucket/models/coco-r50")
+    net = load_bundle("s3://bucket/models/coco-r50")        # refuses altered weights
     net.model_id                                            # "coco-r50@3f2a9c0d41b7"
+    info = read_bundle_config("s3://bucket/models/coco-r50")  # reads config.json only
+    info.name, info.config, info.model_id
 
-`config.json` holds the format version, the bundle name and the full `Mask2FormerConfig`
-(architecture + label space), so the folder alone rebuilds the model. The `model_id` names the
-bundle and the exact weights (a prefix of the SHA-256 of `model.safetensors`); output rows carry
-it so a result can always be traced to the weights that produced it.
+`config.json` holds the format version, the bundle name, the SHA-256 of `model.safetensors` and
+the full `Mask2FormerConfig` (architecture + label space), so the folder alone rebuilds the
+model. The `model_id` names the bundle and the exact weights (the first 12 hex digits of that
+SHA-256); output rows carry it so a result can always be traced to the weights that produced
+it. Bundles written before the hash was recorded still read: their weights are hashed once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from model.config import Mask2FormerConfig
 from model.mask2former import build_model
+from model.storage import filesystem_for, join, shown_uri
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "panoray-bundle"
 FORMAT_VERSION = 1
+# config.json's record of the weights (hex SHA-256 of model.safetensors); absent in old bundles.
+SHA256_KEY = "weights_sha256"
 _HASH_CHARS = 12
 # Parameters whose shape depends on the number of classes (re-initialised for a new label space).
 CLASS_HEAD_PREFIX = "sem_seg_head.predictor.class_embed."
 
 
-class BundleMismatchError(ValueError):
+class BundleError(ValueError):
+    """A folder that is not a usable model bundle (format, config or weights)."""
+
+
+class BundleMismatchError(BundleError):
     """Weights that do not fit the architecture described by the config."""
 
 
+@dataclass(frozen=True)
+class BundleInfo:
+    """What a bundle's config.json says, read without loading the weights."""
+
+    name: str
+    config: Mask2FormerConfig
+    model_id: str  # "name@<first 12 hex digits of sha256(model.safetensors)>"
+
+
 def save_bundle(net: nn.Module, uri: str, *, name: str | None = None,
+                storage_dtype: torch.dtype | None = None,
                 filesystem: fsspec.AbstractFileSystem | None = None) -> str:
     """Write `net` (a Mask2Former with a `.config`) as a bundle folder at `uri`.
 
-    Overwrites an existing bundle there. Sets and returns `net.model_id`. `filesystem`: an
-    fsspec filesystem to use instead of the one `uri` implies (e.g. with custom credentials).
+    Overwrites an existing bundle there. Sets and returns `net.model_id`. `storage_dtype`
+    (e.g. torch.float16): the floating-point weights are stored in it, halving the file;
+    `load_bundle` copies them into the model's float32 parameters. `filesystem`: an fsspec
+    filesystem to use instead of the one `uri` implies (e.g. with custom credentials).
     """
     config = _config_of(net)
     name = name or config.name
-    weights = save_safetensors(_plain_state_dict(net), metadata={"format": "pt"})
+    state = _plain_state_dict(net)
+    if storage_dtype is not None:
+        state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    weights = save_safetensors(state, metadata={"format": "pt"})
+    sha256 = hashlib.sha256(weights).hexdigest()  # recorded, so readers need not hash again
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
-                "config": config.to_dict()}
+                SHA256_KEY: sha256, "config": config.to_dict()}
     fs, root = _resolve(uri, filesystem)
     fs.makedirs(root, exist_ok=True)
     # Weights first: a reader never sees a config.json beside missing or stale weights
     # of a fresh bundle.
-    with fs.open(posixpath.join(root, WEIGHTS_FILE), "wb") as f:
+    with fs.open(join(root, WEIGHTS_FILE), "wb") as f:
         f.write(weights)
-    with fs.open(posixpath.join(root, CONFIG_FILE), "w") as f:
+    with fs.open(join(root, CONFIG_FILE), "w") as f:
         json.dump(manifest, f, indent=2)
-    net.model_id = make_model_id(name, weights)
+    net.model_id = _model_id(name, sha256)
     return net.model_id
+
+
+def read_bundle_config(uri: str, *,
+                       filesystem: fsspec.AbstractFileSystem | None = None) -> BundleInfo:
+    """The name, config and `model_id` of the bundle at `uri`, without loading the weights.
+
+    Reads config.json only (and checks that the weights file is there); a bundle written before
+    config.json recorded the weights' SHA-256 has its weights hashed once, streaming.
+    """
+    fs, root = _resolve(uri, filesystem)
+    manifest, config = _read_config(fs, root, uri)
+    sha256 = manifest.get(SHA256_KEY) or _hash_file(fs, join(root, WEIGHTS_FILE))
+    return BundleInfo(name=manifest["name"], config=config,
+                      model_id=_model_id(manifest["name"], sha256))
 
 
 def load_bundle(uri: str, *, map_location: str | torch.device = "cpu",
                 filesystem: fsspec.AbstractFileSystem | None = None) -> nn.Module:
-    """Rebuild the model saved at `uri`, in eval mode, with `model_id` and `bundle_name` set."""
+    """Rebuild the model saved at `uri`, in eval mode, with `model_id` and `bundle_name` set.
+
+    The weights are read and hashed once; weights whose SHA-256 is not the one config.json
+    records (altered or damaged after saving) are refused with a BundleError.
+    """
     fs, root = _resolve(uri, filesystem)
-    config_path, weights_path = (posixpath.join(root, n) for n in (CONFIG_FILE, WEIGHTS_FILE))
-    missing = [n for n, p in ((CONFIG_FILE, config_path), (WEIGHTS_FILE, weights_path))
-               if not fs.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"{uri} is not a model bundle: {', '.join(missing)} missing; "
-                                "write one with save_bundle or `panoray convert`")
-    with fs.open(config_path, "r") as f:
-        manifest = json.load(f)
-    config = _read_manifest(manifest, uri)
-    with fs.open(weights_path, "rb") as f:
+    manifest, config = _read_config(fs, root, uri)
+    with fs.open(join(root, WEIGHTS_FILE), "rb") as f:
         weights = f.read()
-    state_dict = load_safetensors(weights)
+    sha256 = hashlib.sha256(weights).hexdigest()
+    altered = manifest.get(SHA256_KEY) not in (None, sha256)
+    try:
+        state_dict = load_safetensors(weights)
+    except SafetensorError as err:
+        if altered:
+            raise _altered_error(uri) from None
+        raise BundleError(f"{shown_uri(uri)}/{WEIGHTS_FILE} is not a readable safetensors file "
+                          f"({err}); save or convert the bundle again") from None
     net = build_model(config)
     try:
+        # Before the hash check: weights that do not fit say which keys are wrong.
         load_state_dict_into(net, state_dict)
     except BundleMismatchError as err:
-        raise BundleMismatchError(f"bundle {uri}: {err}") from None
+        raise BundleMismatchError(f"bundle {shown_uri(uri)}: {err}") from None
+    if altered:
+        raise _altered_error(uri)
     net.to(map_location).eval()
     net.bundle_name = manifest["name"]
-    net.model_id = make_model_id(manifest["name"], weights)
+    net.model_id = _model_id(manifest["name"], sha256)
     return net
 
 
 def bundle_id(uri: str, *, filesystem: fsspec.AbstractFileSystem | None = None) -> str:
-    """The `model_id` of the bundle at `uri` ("name@hash"), without building the model."""
-    fs, root = _resolve(uri, filesystem)
-    try:
-        with fs.open(posixpath.join(root, CONFIG_FILE), "r") as f:
-            name = json.load(f)["name"]
-        digest = hashlib.sha256()
-        with fs.open(posixpath.join(root, WEIGHTS_FILE), "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{uri} is not a model bundle (no {CONFIG_FILE} or "
-                                f"{WEIGHTS_FILE}); write one with save_bundle") from None
-    return f"{name}@{digest.hexdigest()[:_HASH_CHARS]}"
+    """The `model_id` of the bundle at `uri` ("name@hash"), without loading the weights."""
+    return read_bundle_config(uri, filesystem=filesystem).model_id
 
 
 def make_model_id(name: str, weights: bytes) -> str:
     """`name@<first 12 hex digits of sha256(weights)>`."""
-    return f"{name}@{hashlib.sha256(weights).hexdigest()[:_HASH_CHARS]}"
+    return _model_id(name, hashlib.sha256(weights).hexdigest())
+
+
+def _model_id(name: str, sha256: str) -> str:
+    return f"{name}@{sha256[:_HASH_CHARS]}"
 
 
 def load_state_dict_into(net: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
@@ -157,23 +203,62 @@ def state_dict_mismatch(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) 
 
 def _resolve(uri: str, filesystem: fsspec.AbstractFileSystem | None,
              ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path of the bundle folder in it): the storage door's, endpoint included."""
     if filesystem is None:
-        return fsspec.core.url_to_fs(uri)
+        return filesystem_for(uri)
     return filesystem, filesystem._strip_protocol(uri)
+
+
+def _read_config(fs: fsspec.AbstractFileSystem, root: str,
+                 uri: str) -> tuple[dict[str, Any], Mask2FormerConfig]:
+    """(config.json as a dict, its checked config) of the bundle folder `root` (from `uri`)."""
+    missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not fs.exists(join(root, n))]
+    if missing:
+        raise FileNotFoundError(f"{shown_uri(uri)} is not a model bundle: {', '.join(missing)} "
+                                "missing; write one with save_bundle or `panoray convert`")
+    with fs.open(join(root, CONFIG_FILE), "r") as f:
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as err:
+            raise BundleError(f"{shown_uri(uri)}/{CONFIG_FILE} is not JSON ({err}); write "
+                              "bundles with save_bundle") from None
+    return manifest, _read_manifest(manifest, shown_uri(uri))
 
 
 def _read_manifest(manifest: Any, uri: str) -> Mask2FormerConfig:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{uri}/{CONFIG_FILE} is not a panoray bundle config "
-                         f"(no \"format\": \"{FORMAT}\"); write bundles with save_bundle")
+        raise BundleError(f"{uri}/{CONFIG_FILE} is not a panoray bundle config "
+                          f"(no \"format\": \"{FORMAT}\"); write bundles with save_bundle")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{uri} has bundle format version {version!r}, newer than the "
-                         f"{FORMAT_VERSION} this panoray reads; upgrade panoray")
+        raise BundleError(f"{uri} has bundle format version {version!r}, newer than the "
+                          f"{FORMAT_VERSION} this panoray reads; upgrade panoray")
+    if not isinstance(manifest.get("name"), str) or not manifest["name"]:
+        raise BundleError(f"{uri}/{CONFIG_FILE} has no bundle name; write bundles with "
+                          "save_bundle")
+    sha256 = manifest.get(SHA256_KEY)
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(sha256)):
+        raise BundleError(f"{uri}/{CONFIG_FILE} has an invalid {SHA256_KEY} {sha256!r} (not 64 "
+                          "hex digits); save or convert the bundle again")
     try:
         return Mask2FormerConfig.from_dict(manifest["config"])
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{uri}/{CONFIG_FILE} has an invalid config: {err}") from None
+        raise BundleError(f"{uri}/{CONFIG_FILE} has an invalid config: {err}") from None
+
+
+def _hash_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Hex SHA-256 of the file at `path`, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _altered_error(uri: str) -> BundleError:
+    return BundleError(f"the weights of bundle {shown_uri(uri)} were altered after it was saved "
+                       f"(their SHA-256 is not the one its {CONFIG_FILE} records); save or "
+                       "convert the bundle again")
 
 
 def _config_of(net: nn.Module) -> Mask2FormerConfig:

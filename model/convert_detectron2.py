@@ -33,7 +33,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch import nn
@@ -41,6 +40,7 @@ from torch import nn
 from model.bundle import BundleMismatchError, state_dict_mismatch
 from model.config import Category, Mask2FormerConfig, get_config
 from model.mask2former import build_model
+from model.storage import filesystem_for
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -88,8 +88,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def read_detectron2_pickle(src_uri: str) -> dict[str, np.ndarray]:
-    """The `{key: array}` weights of a detectron2 `.pkl` at any fsspec URI, read safely."""
-    with fsspec.open(src_uri, "rb") as f:
+    """The `{key: array}` weights of a detectron2 `.pkl` at any URI, read safely."""
+    fs, path = filesystem_for(src_uri)
+    with fs.open(path, "rb") as f:
         data = _ArrayUnpickler(f, encoding="latin1").load()
     if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
         data = data["model"]  # model zoo format
@@ -121,7 +122,7 @@ def convert_detectron2(
     """Read a detectron2 Mask2Former `.pkl` into (config, state dict) for `build_model`.
 
     Args:
-        src_uri: the `.pkl`, local path or any fsspec URI.
+        src_uri: the `.pkl`, local path or any URI `model.storage` opens (`?endpoint=` too).
         preset: the architecture it was trained with (a preset name or a config).
         categories: label space, when it differs from the preset's (e.g. ADE20K weights on a
             COCO preset architecture).
@@ -163,9 +164,10 @@ def to_detectron2_state_dict(net: nn.Module) -> dict[str, np.ndarray]:
 
 
 def export_detectron2(net: nn.Module, dst_uri: str) -> None:
-    """Write `net` as a detectron2 model-zoo style `.pkl` at any fsspec URI."""
+    """Write `net` as a detectron2 model-zoo style `.pkl` at any URI."""
     payload = {"model": to_detectron2_state_dict(net), "__author__": "panoray"}
-    with fsspec.open(dst_uri, "wb") as f:
+    fs, path = filesystem_for(dst_uri)
+    with fs.open(path, "wb") as f:
         pickle.dump(payload, f, protocol=4)
 
 

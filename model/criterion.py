@@ -30,7 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.matcher import HungarianMatcher
-from model.point_sampling import point_sample, uncertain_point_coords_with_randomness
+from model.point_sampling import (
+    PointSelector,
+    point_sample,
+    uncertain_point_coords_with_randomness,
+)
 
 Matches = list[tuple[Tensor, Tensor]]
 LOSS_NAMES = ("loss_ce", "loss_mask", "loss_dice")
@@ -84,8 +88,11 @@ class SetCriterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         deep_supervision: bool = True,
+        point_selector: PointSelector | None = None,
     ) -> None:
-        """Args: K (classes without "no object"), the matcher, and the LossConfig fields."""
+        """Args: K (classes without "no object"), the matcher, the LossConfig fields, and the
+        importance sampling's `point_selector` (None: `topk_uncertain_points`; see
+        `uncertain_point_coords_with_randomness`)."""
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -99,6 +106,7 @@ class SetCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
+        self.point_selector = point_selector
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight)
@@ -254,6 +262,7 @@ class SetCriterion(nn.Module):
                     oversample_ratio=self.oversample_ratio,
                     importance_sample_ratio=self.importance_sample_ratio,
                     generator=None if generators is None else generators[i],
+                    point_selector=self.point_selector,
                 )  # (M_i, P, 2)
                 target = targets[i]["masks"][target_idx.to(targets[i]["masks"].device)]
                 target = target.unsqueeze(1).to(device=masks.device, dtype=torch.float32)
@@ -292,8 +301,12 @@ class SetCriterion(nn.Module):
                 )
 
 
-def build_criterion(config: LossConfig, *, num_classes: int) -> SetCriterion:
-    """SetCriterion with a matcher whose costs equal the loss weights (the reference setup)."""
+def build_criterion(config: LossConfig, *, num_classes: int,
+                    point_selector: PointSelector | None = None) -> SetCriterion:
+    """SetCriterion with a matcher whose costs equal the loss weights (the reference setup).
+
+    point_selector: how the mask losses pick their uncertain points (None: plain PyTorch; CPU
+    training passes `model.cpu_training.select_uncertain_points`)."""
     matcher = HungarianMatcher(
         cost_class=config.class_weight,
         cost_mask=config.mask_weight,
@@ -311,4 +324,5 @@ def build_criterion(config: LossConfig, *, num_classes: int) -> SetCriterion:
         oversample_ratio=config.oversample_ratio,
         importance_sample_ratio=config.importance_sample_ratio,
         deep_supervision=config.deep_supervision,
+        point_selector=point_selector,
     )

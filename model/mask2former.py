@@ -40,9 +40,7 @@ from torch import Tensor, nn
 from model.backbone import FEATURE_NAMES, FEATURE_STRIDES, build_backbone
 from model.config import Mask2FormerConfig, PixelDecoderConfig, TransformerDecoderConfig, get_config
 from model.pixel_decoder import (
-    Conv2d,
     ConvNorm,
-    GroupNorm,
     MSDeformAttn,
     MSDeformAttnEncoder,
     MSDeformAttnEncoderLayer,
@@ -125,8 +123,8 @@ def build_pixel_decoder(cfg: PixelDecoderConfig,
         raise ValueError(f"pixel_decoder.in_features must be the coarsest levels, got {levels}")
     input_proj = []
     for name in reversed(levels):  # coarsest first
-        proj = nn.Sequential(Conv2d(in_channels[name], d, kernel_size=1),
-                             GroupNorm(cfg.norm_groups, d))
+        proj = nn.Sequential(nn.Conv2d(in_channels[name], d, kernel_size=1),
+                             nn.GroupNorm(cfg.norm_groups, d))
         nn.init.xavier_uniform_(proj[0].weight)
         nn.init.zeros_(proj[0].bias)
         input_proj.append(proj)
@@ -143,14 +141,14 @@ def build_pixel_decoder(cfg: PixelDecoderConfig,
         encoder=MSDeformAttnEncoder(layers=layers), num_levels=len(levels), dim=d)
     fpn_levels = [n for n in FEATURE_NAMES
                   if cfg.common_stride <= FEATURE_STRIDES[n] < FEATURE_STRIDES[levels[0]]]
-    lateral = [ConvNorm(in_channels[n], d, kernel_size=1, norm=GroupNorm(cfg.norm_groups, d),
+    lateral = [ConvNorm(in_channels[n], d, kernel_size=1, norm=nn.GroupNorm(cfg.norm_groups, d),
                         relu=False) for n in fpn_levels]
-    output = [ConvNorm(d, d, kernel_size=3, norm=GroupNorm(cfg.norm_groups, d), relu=True)
+    output = [ConvNorm(d, d, kernel_size=3, norm=nn.GroupNorm(cfg.norm_groups, d), relu=True)
               for _ in fpn_levels]
     if len(levels) + len(fpn_levels) < NUM_FEATURE_LEVELS:
         raise ValueError("the pixel decoder must produce at least 3 feature maps; add levels to "
                          "pixel_decoder.in_features or lower common_stride")
-    mask_features = Conv2d(d, cfg.mask_dim, kernel_size=1)
+    mask_features = nn.Conv2d(d, cfg.mask_dim, kernel_size=1)
     nn.init.kaiming_uniform_(mask_features.weight, a=1)
     nn.init.zeros_(mask_features.bias)
     return MSDeformAttnPixelDecoder(
@@ -177,7 +175,7 @@ def build_transformer_decoder(cfg: TransformerDecoderConfig, *, in_channels: int
     input_proj: list[nn.Module] = []
     for _ in range(NUM_FEATURE_LEVELS):
         if in_channels != d or cfg.enforce_input_project:
-            conv = Conv2d(in_channels, d, kernel_size=1)
+            conv = nn.Conv2d(in_channels, d, kernel_size=1)
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
             input_proj.append(conv)

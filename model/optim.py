@@ -72,61 +72,25 @@ def param_groups(
     return list(groups.values())
 
 
-def _storage_order(t: Tensor) -> list[int] | None:
-    """The dim order that makes `t` a contiguous view (e.g. (0, 2, 3, 1) for channels_last), or
-    None when `t` is contiguous already or is not a dense permutation of its memory."""
-    if t.dim() < 2 or t.is_contiguous():
-        return None
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
-    return order if t.permute(order).is_contiguous() else None
-
-
-class AdamW(torch.optim.AdamW):
-    """torch's AdamW, whose fused kernel also runs in place on channels_last parameters.
-
-    The fused kernel wants contiguous tensors: for a channels_last convolution weight it copies
-    the weight, its gradient and both moments to contiguous ones and back, every step (about
-    20 ms a step for `tiny` on one CPU thread, more than the update itself). AdamW is
-    elementwise, so it may as well run on contiguous *views* of the same memory: a parameter
-    whose gradient and moments are laid out like itself is handed to the kernel permuted into
-    storage order. Same update, same state tensors and state_dict as torch.optim.AdamW.
-    """
-
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                    state_steps):
-        # torch fills these parallel lists; swap in storage-order views where all agree.
-        result = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs,
-                                     max_exp_avg_sqs, state_steps)
-        if group.get("fused"):
-            lists = [params, grads, exp_avgs, exp_avg_sqs]
-            if group.get("amsgrad"):
-                lists.append(max_exp_avg_sqs)
-            for i, param in enumerate(params):
-                order = _storage_order(param)
-                if order is not None and all(lst[i].stride() == param.stride() for lst in lists):
-                    for lst in lists:
-                        lst[i] = lst[i].permute(order)
-        return result
-
-
 def build_optimizer(
     net: nn.Module,
     *,
     lr: float = DEFAULT_LR,
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     backbone_lr_multiplier: float = DEFAULT_BACKBONE_LR_MULTIPLIER,
-) -> AdamW:
+    adamw: type[torch.optim.AdamW] = torch.optim.AdamW,
+) -> torch.optim.AdamW:
     """AdamW over `param_groups(net, ...)` (betas (0.9, 0.999), eps 1e-8 as the reference).
 
     Uses torch's fused AdamW kernel (CPU and CUDA): the same update, ~4x faster than the
-    per-parameter loop (tiny: 22 vs 106 ms a step on one CPU thread), run in place on the
-    channels_last weights (`AdamW`).
+    per-parameter loop (tiny: 22 vs 106 ms a step on one CPU thread). `adamw`: the class, a
+    torch.optim.AdamW or a subclass (CPU training: `model.cpu_training.ChannelsLastAdamW`).
     """
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
     groups = param_groups(net, lr=lr, weight_decay=weight_decay,
                           backbone_lr_multiplier=backbone_lr_multiplier)
-    return AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    return adamw(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.conv import Conv2d
-from model.ops import group_norm_nhwc, has_compiled_op, ms_deform_attn
+from model.ops import ms_deform_attn
 from model.position_encoding import sine_position_embedding
 
 
@@ -167,27 +166,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         return [m.unflatten(1, (h, w)).permute(0, 3, 1, 2) for m, (h, w) in zip(maps, shapes)]
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that runs channels_last CPU maps in their own memory order.
-
-    PyTorch's CPU GroupNorm is slow on channels_last maps (its backward several times slower than
-    on contiguous ones: 30 ms vs 4 ms for 2 x 64 x 128 x 128 here), and copying to contiguous and
-    back costs more than the norm. float32 / float64 channels_last maps on the CPU go to the
-    compiled kernels instead (two passes over the map each way, statistics summed in float64);
-    everything else, and builds without ``model._C``, takes nn.GroupNorm's path. Same parameters
-    and formula (only the summation order of the statistics may differ).
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (self.affine and x.device.type == "cpu" and x.dim() == 4
-                and x.dtype in (torch.float32, torch.float64) and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last) and has_compiled_op()
-                and self.weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu")):
-            return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps)
-        return super().forward(x)
-
-
-class ConvNorm(Conv2d):
+class ConvNorm(nn.Conv2d):
     """A Conv2d followed by a norm and an optional ReLU (detectron2's `Conv2d(norm=...)`)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int, norm: nn.Module,

@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.ops import has_compiled_op
-
 
 def point_sample(
     input: Tensor,
@@ -77,12 +75,26 @@ def random_points(
     return torch.rand(size, generator=generator, device=generator.device).to(device)
 
 
-def _compiled_selection(coarse_logits: Tensor) -> bool:
-    """Whether `panoray::most_uncertain_points` (CPU, float32) can pick the points: the same
-    set as grid_sample + top-k + gather, in one pass (about 2.4x faster on 6 masks x 37632
-    candidates, one thread)."""
-    return (coarse_logits.device.type == "cpu" and coarse_logits.dtype == torch.float32
-            and coarse_logits.shape[1] == 1 and has_compiled_op())
+PointSelector = Callable[[Tensor, Tensor, int], Tensor]
+"""(coarse_logits (R, 1, h, w), candidates (R, K, 2), k) -> (R, k, 2): the k candidates where
+each mask is most uncertain. `topk_uncertain_points` is the plain one; a replacement must keep
+the same set (its order may differ)."""
+
+
+def topk_uncertain_points(
+    coarse_logits: Tensor,
+    candidates: Tensor,
+    k: int,
+    *,
+    uncertainty_fn: Callable[[Tensor], Tensor] = logit_uncertainty,
+) -> Tensor:
+    """The k of `candidates` (R, K, 2) with the highest `uncertainty_fn` of `coarse_logits`
+    (R, 1, h, w) read there: (R, k, 2), in no particular order."""
+    uncertainty = uncertainty_fn(point_sample(coarse_logits, candidates))  # (R, 1, K)
+    # Unsorted: the losses sum over points, so only which points are kept matters (about
+    # twice as fast as a sorted top-k on the CPU).
+    top = torch.topk(uncertainty[:, 0, :], k=k, dim=1, sorted=False).indices
+    return torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
 
 
 def uncertain_point_coords_with_randomness(
@@ -93,6 +105,7 @@ def uncertain_point_coords_with_randomness(
     oversample_ratio: float,
     importance_sample_ratio: float,
     generator: torch.Generator | None = None,
+    point_selector: PointSelector | None = None,
 ) -> Tensor:
     """Pick points where each mask is most uncertain, plus uniform random points.
 
@@ -109,11 +122,13 @@ def uncertain_point_coords_with_randomness(
         oversample_ratio: k >= 1, the candidate pool is k * P points.
         importance_sample_ratio: beta in [0, 1], the share of P chosen by uncertainty.
         generator: source of randomness (the global RNG when None).
+        point_selector: picks the uncertain candidates by logit uncertainty, in place of
+            `topk_uncertain_points` (e.g. `model.cpu_training.select_uncertain_points`); only
+            with the default uncertainty_fn.
 
     Returns:
         (R, P, 2) points in [0, 1], (x, y) order; the first int(beta * P) are the uncertain ones
-        (in no particular order: candidate order from the compiled op on CPU float32 with the
-        default uncertainty_fn, top-k order otherwise).
+        (in no particular order).
     """
     if oversample_ratio < 1:
         raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}; use 1 to disable")
@@ -121,6 +136,9 @@ def uncertain_point_coords_with_randomness(
         raise ValueError(
             f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
         )
+    if point_selector is not None and uncertainty_fn is not logit_uncertainty:
+        raise ValueError("point_selector ranks by logit uncertainty; pass either it or an "
+                         "uncertainty_fn, not both")
     num_masks = coarse_logits.shape[0]
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
@@ -129,15 +147,11 @@ def uncertain_point_coords_with_randomness(
     candidates = random_points(
         (num_masks, num_sampled), device=coarse_logits.device, generator=generator
     )  # (R, kP, 2)
-    if uncertainty_fn is logit_uncertainty and _compiled_selection(coarse_logits):
-        chosen = torch.ops.panoray.most_uncertain_points(
-            coarse_logits[:, 0], candidates, num_uncertain)
+    if point_selector is None:
+        chosen = topk_uncertain_points(coarse_logits, candidates, num_uncertain,
+                                       uncertainty_fn=uncertainty_fn)
     else:
-        uncertainty = uncertainty_fn(point_sample(coarse_logits, candidates))  # (R, 1, kP)
-        # Unsorted: the losses sum over points, so only which points are kept matters (about
-        # twice as fast as a sorted top-k on the CPU).
-        top = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1, sorted=False).indices
-        chosen = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
+        chosen = point_selector(coarse_logits, candidates, num_uncertain)
     if num_random == 0:
         return chosen
     fill = random_points((num_masks, num_random), device=coarse_logits.device, generator=generator)

@@ -108,13 +108,26 @@ def decode_image(
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error...
         raise DecodeError(_describe_failure(e, fmt)) from None
     width, height = rgb.size
-    if target_short_side is not None or max_long_side is not None:
-        size = resized_size(
-            width=width, height=height, short_side=target_short_side, max_long_side=max_long_side
-        )
-        if size != (width, height):
-            rgb = rgb.resize(size, Image.Resampling.BILINEAR)
-    return DecodedImage(array=np.asarray(rgb, dtype=np.uint8), width=width, height=height)
+    array = resize_image(np.asarray(rgb, dtype=np.uint8), short_side=target_short_side,
+                         max_long_side=max_long_side)
+    return DecodedImage(array=array, width=width, height=height)
+
+
+def resize_image(
+    image: np.ndarray, *, short_side: int | None, max_long_side: int | None
+) -> np.ndarray:
+    """Mask2Former's test-time resize of an (H, W, 3) uint8 RGB array: bilinear (Pillow's, which
+    antialiases when shrinking) to :func:`resized_size`. The array itself when the size is kept.
+
+    The one resize of the test path: the predictor applies it to every photo, so the segment job,
+    evaluation during training and a predictor called from Python see the same pixels.
+    """
+    height, width = image.shape[:2]
+    size = resized_size(width=width, height=height, short_side=short_side,
+                        max_long_side=max_long_side)
+    if size == (width, height):
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 def resized_size(

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
+from model.bundle import read_bundle_config
 from model.storage import redact
+from pipeline.params import SegmentParams, with_params
 from pipeline.segment.commits import OutputStore, WriterLock, shard_key
 from pipeline.segment.predictor import PanopticPredictor
 from pipeline.segment.rows import ShardAssembler, decode_stage, encode_stage, read_shard
@@ -99,63 +101,48 @@ def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
     return Resources(num_actors, gpus_per_actor, cpus_per_actor, threads_per_actor)
 
 
-def _bundle_info(model_uri: str):
-    """(config, model_id) of a bundle without building the model in the driver."""
-    import json
+@with_params(SegmentParams)
+def run_segment(p: SegmentParams, *, progress: bool = True,
+                predictor: type[PanopticPredictor] | None = None) -> SegmentSummary:
+    """Segment every not-yet-committed shard under `src` into `dst`; see the module doc.
 
-    from model.bundle import CONFIG_FILE, bundle_id
-    from model.config import Mask2FormerConfig
-    from model.storage import get_filesystem, join
-
-    model_id = bundle_id(model_uri)  # also checks that both files are there
-    fs, path = get_filesystem(join(model_uri, CONFIG_FILE))
-    with fs.open(path) as f:
-        return Mask2FormerConfig.from_dict(json.load(f)["config"]), model_id
-
-
-def run_segment(
-    *,
-    src: str,
-    dst: str,
-    model: str,
-    batch_size: int = 4,
-    num_actors: int | None = None,
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float = 1.0,
-    threads_per_actor: int | None = None,
-    files_per_shard: int = 256,
-    image_column: str | None = None,
-    max_pixels: int = 100_000_000,
-    limit_shards: int | None = None,
-    stale_lock_s: float = 300.0,
-    address: str | None = None,
-    progress: bool = True,
-) -> SegmentSummary:
-    """Segment every not-yet-committed shard under `src` into `dst`; see the module doc."""
+    Takes the fields of `pipeline.params.SegmentParams` as keywords (`run_segment(src=...,
+    dst=..., model=..., batch_size=8)`), or a params object (`run_segment(params=p)`; keywords
+    given beside it override its fields). `progress`: Ray Data's progress bars. `predictor`: the
+    class of the predictor actors; None is PanopticPredictor, and for now another must be a
+    subclass of it (built as PanopticPredictor(model, batch_size=, threads=), called on Ray
+    Data batches).
+    """
+    predictor = predictor or PanopticPredictor
+    if not (isinstance(predictor, type) and issubclass(predictor, PanopticPredictor)):
+        raise TypeError(f"predictor must be PanopticPredictor or a subclass of it, got "
+                        f"{predictor!r}")
     started = time.time()
-    summary = SegmentSummary(src=src, dst=dst)
-    with WriterLock(dst, stale_after_s=stale_lock_s, heartbeat_s=min(30.0, stale_lock_s / 4)) \
-            as lock:
-        shards = list_shards(src, files_per_shard=files_per_shard, image_column=image_column)
-        store = OutputStore(dst)
+    summary = SegmentSummary(src=p.src, dst=p.dst)
+    with WriterLock(p.dst, stale_after_s=p.stale_lock_s,
+                    heartbeat_s=min(30.0, p.stale_lock_s / 4)) as lock:
+        shards = list_shards(p.src, files_per_shard=p.files_per_shard,
+                             image_column=p.image_column)
+        store = OutputStore(p.dst)
         done_keys = store.committed_keys()
         regrouped = RegroupedFiles(store, shards, done_keys)
         pending = [s for s in shards if shard_key(s.id) not in done_keys]
         summary.shards_total = len(shards)
         summary.shards_skipped = len(shards) - len(pending)
-        if limit_shards is not None:
-            pending = pending[:limit_shards]
-        log.info("%d shards at %s: %d already committed, %d to do", len(shards), redact(src),
+        if p.limit_shards is not None:
+            pending = pending[:p.limit_shards]
+        log.info("%d shards at %s: %d already committed, %d to do", len(shards), redact(p.src),
                  summary.shards_skipped, len(pending))
         if pending:
-            config, model_id = _bundle_info(model)
-            _ensure_ray(address)
-            res = plan_resources(num_actors=num_actors, gpus_per_actor=gpus_per_actor,
-                                 cpus_per_actor=cpus_per_actor,
-                                 threads_per_actor=threads_per_actor)
-            ds = _build_dataset(pending, model=model, model_id=model_id, config=config,
-                                batch_size=batch_size, max_pixels=max_pixels, res=res,
-                                progress=progress)
+            bundle = read_bundle_config(p.model)  # config.json only: no weights in the driver
+            config, model_id = bundle.config, bundle.model_id
+            _ensure_ray(p.address)
+            res = plan_resources(num_actors=p.num_actors, gpus_per_actor=p.gpus_per_actor,
+                                 cpus_per_actor=p.cpus_per_actor,
+                                 threads_per_actor=p.threads_per_actor)
+            ds = _build_dataset(pending, model=p.model, model_id=model_id, config=config,
+                                batch_size=p.batch_size, max_pixels=p.max_pixels, res=res,
+                                progress=progress, predictor=predictor)
             _drain(ds, store=store, lock=lock, summary=summary, total=len(pending),
                    on_commit=regrouped.after_commit)
     summary.seconds = time.time() - started
@@ -209,10 +196,10 @@ def _ensure_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
-def _build_dataset(pending, *, model, model_id, config, batch_size, max_pixels, res, progress):
+def _build_dataset(pending, *, model, model_id, config, batch_size, max_pixels, res, progress,
+                   predictor=PanopticPredictor):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
-    inf = config.inference
     ds = ray.data.from_items([{"shard": dataclasses.asdict(s)} for s in pending],
                              override_num_blocks=max(1, len(pending)))
     # CPU-only predictors: the I/O tasks run at a lower priority than the model's threads.
@@ -221,11 +208,11 @@ def _build_dataset(pending, *, model, model_id, config, batch_size, max_pixels, 
     # Decoding gets its own CPU tasks (fractional CPUs keep it from being fused into the
     # predictor actors, where it would stall the model).
     # Small batches keep rows moving: a shard commits as soon as its last row is through.
+    # Photos travel at their original size: the predictor owns the test-time resize.
     ds = ds.map_batches(decode_stage, batch_size=4, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"min_size": inf.min_size, "max_size": inf.max_size,
-                                   "max_pixels": max_pixels, "nice": nice})
+                        fn_kwargs={"max_pixels": max_pixels, "nice": nice})
     ds = ds.map_batches(
-        PanopticPredictor,
+        predictor,
         fn_constructor_args=(model,),
         fn_constructor_kwargs={"batch_size": batch_size, "threads": res.threads_per_actor},
         batch_size=batch_size,

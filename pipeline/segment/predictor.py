@@ -4,11 +4,15 @@ It is a plain class (Ray's batch-inference pattern): the segment job runs it in 
 actors, and it works just as well without Ray::
 
     predictor = PanopticPredictor("s3://bucket/models/x")
-    results = predictor.predict([image_hwc_uint8, ...], output_sizes=[(H, W), ...])
-    id_map, segments_info = results[0]
+    results = predictor.predict([photo_hwc_uint8, ...])     # photos of any size
+    id_map, segments_info = results[0]                       # id_map at the photo's size
 
-Images are batched by their padded size (the model pads to a multiple of 32), so an image's
-result is the one it gets alone: its batch-mates never change its canvas.
+The predictor owns the test-time resize (the bundle's `inference.min_size` / `max_size`, with
+:func:`pipeline.segment.decode.resize_image`), so a photo gets the same answer here, in the
+segment job and in evaluation during training. Resized images are batched by their padded size
+(the model pads to a multiple of 32), so an image's result is the one it gets alone: its
+batch-mates never change its canvas (batched matrix products may still round differently, which
+flipped one pixel in ~250,000 on the COCO sample).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from model.postprocess import postprocess_batch
+from pipeline.segment.decode import resize_image
 
 log = logging.getLogger(__name__)
 
@@ -99,57 +104,63 @@ class PanopticPredictor:
         return torch.autocast("cuda", dtype=dtype)
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray], *,
-                output_sizes: Sequence[Size] | None = None) -> list[tuple[np.ndarray, list]]:
-        """Segment images (each (H, W, 3) uint8 RGB, already resized to the test size).
+    def predict(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, list]]:
+        """Segment photos: each (H, W, 3) uint8 RGB, of any size.
 
-        Returns, per image in input order, (id map (H', W') int32 at its output size — the
-        original image size, default its own size — and its segments_info list).
+        Each photo is resized to the model's test size (`inference.min_size` / `max_size`, with
+        :func:`pipeline.segment.decode.resize_image`), segmented, and its id map brought back to
+        the photo's size. Returns, per photo in input order, (id map (H, W) int32, segments_info:
+        a list of {id, category_id, isthing, score}, one per segment id in the map).
         """
-        sizes = [(int(im.shape[0]), int(im.shape[1])) for im in images]
-        outs = list(output_sizes) if output_sizes is not None else sizes
+        inference = self.config.inference
+        originals = [_photo_size(i, im) for i, im in enumerate(images)]
+        resized = [resize_image(im, short_side=inference.min_size,
+                                max_long_side=inference.max_size) for im in images]
+        sizes = [(int(im.shape[0]), int(im.shape[1])) for im in resized]
         results: list[Any] = [None] * len(images)
         div = self.config.size_divisibility
         for batch in plan_batches(sizes, batch_size=self.batch_size, divisibility=div):
             padded = _padded((max(sizes[i][0] for i in batch), max(sizes[i][1] for i in batch)),
                              div)
-            canvas = np.zeros((len(batch), 3, *padded), dtype=np.float32)
-            for row, i in enumerate(batch):
-                h, w = sizes[i]
-                canvas[row, :, :h, :w] = images[i].transpose(2, 0, 1)  # read-only input is fine
-            x = torch.from_numpy(canvas)
-            # Pad-value pixels are masked out below by cropping; the model normalises first
-            # and pads with zeros itself, so mark our padding as the mean colour (-> 0).
-            x = self._fill_padding(x, [sizes[i] for i in batch])
+            x = self._canvas([resized[i] for i in batch], padded)
             with self._autocast():
-                out = self.model(x.to(self.device, non_blocking=True), aux_outputs=False)
+                out = self.model(x, aux_outputs=False)
             done = postprocess_batch(
                 pred_logits=out["pred_logits"].float(), pred_masks=out["pred_masks"].float(),
-                input_sizes=[sizes[i] for i in batch], output_sizes=[outs[i] for i in batch],
+                input_sizes=[sizes[i] for i in batch],
+                output_sizes=[originals[i] for i in batch],
                 padded_size=padded, isthing=self.isthing, category_ids=self.category_ids,
-                object_mask_threshold=self.config.inference.object_mask_threshold,
-                overlap_threshold=self.config.inference.overlap_threshold)
+                object_mask_threshold=inference.object_mask_threshold,
+                overlap_threshold=inference.overlap_threshold)
             for i, result in zip(batch, done):
                 seg, info = result["panoptic_seg"]
                 results[i] = (seg.cpu().numpy().astype(np.int32), info)
         return results
 
-    def _fill_padding(self, x: torch.Tensor, sizes: Sequence[Size]) -> torch.Tensor:
-        mean = torch.tensor(self.config.pixel_mean, dtype=x.dtype).view(3, 1, 1)
-        for row, (h, w) in enumerate(sizes):
-            x[row, :, h:, :] = mean
-            x[row, :, :h, w:] = mean
+    def _canvas(self, images: Sequence[np.ndarray], padded: Size) -> torch.Tensor:
+        """(B, 3, *padded) float32 on the device: the images top-left, the rest the mean colour.
+
+        The model normalises first and pads with zeros itself, so our padding is the mean colour
+        (-> 0); its pixels are cropped away after the forward. The uint8 pixels travel to the
+        device as they are and become float there.
+        """
+        mean = torch.tensor(self.config.pixel_mean, dtype=torch.float32, device=self.device)
+        x = mean.view(1, 3, 1, 1).repeat(len(images), 1, *padded)
+        for row, image in enumerate(images):
+            h, w = image.shape[:2]
+            pixels = torch.from_numpy(np.require(image, requirements=["C", "W"]))
+            x[row, :, :h, :w] = pixels.to(self.device, non_blocking=True).permute(2, 0, 1)
         return x
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Ray Data batch in, batch out: rows with status "ok" and an `image` get segmented.
 
-        Reads columns image (H, W, 3) uint8, height, width (original size), status; adds
-        `panoptic` (the id map at the original size as raw int32 bytes, row-major (height,
-        width)) and `segments` (segments_info as JSON), and drops `image`. Bytes and strings
-        keep the columns one Arrow type whatever mix of rows a batch holds. Rows that are not
-        "ok" pass through with empty results; a failure of the model on a batch turns its rows
-        into error rows instead of failing the job.
+        Reads columns image (the decoded photo at its original size, (height, width, 3) uint8:
+        `predict` resizes it) and status; adds `panoptic` (the id map at the photo's size as raw
+        int32 bytes, row-major (height, width)) and `segments` (segments_info as JSON), and
+        drops `image`. Bytes and strings keep the columns one Arrow type whatever mix of rows a
+        batch holds. Rows that are not "ok" pass through with empty results; a failure of the
+        model on a batch turns its rows into error rows instead of failing the job.
         """
         status = list(batch["status"])
         images = batch.pop("image")
@@ -158,9 +169,8 @@ class PanopticPredictor:
         segments: list[Any] = [None] * len(status)
         errors = list(batch.get("error", [None] * len(status)))
         if todo:
-            sizes = [(int(batch["height"][i]), int(batch["width"][i])) for i in todo]
             try:
-                done = self.predict([images[i] for i in todo], output_sizes=sizes)
+                done = self.predict([images[i] for i in todo])
             except (RuntimeError, ValueError) as e:  # e.g. CUDA OOM on a huge image
                 log.exception("model failed on a batch")
                 done = None
@@ -174,6 +184,17 @@ class PanopticPredictor:
         batch["panoptic"] = _object_array(panoptic)
         batch["segments"] = _object_array(segments)
         return batch
+
+
+def _photo_size(index: int, image: np.ndarray) -> Size:
+    """(H, W) of a photo, which must be an (H, W, 3) uint8 RGB array."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+            or image.shape[2] != 3 or 0 in image.shape:
+        described = (f"a {image.dtype} array of shape {image.shape}"
+                     if isinstance(image, np.ndarray) else f"a {type(image).__name__}")
+        raise ValueError(f"image {index} is {described}; pass (H, W, 3) uint8 RGB arrays, e.g. "
+                         "np.asarray(PIL.Image.open(path).convert('RGB'))")
+    return int(image.shape[0]), int(image.shape[1])
 
 
 def _object_array(values: list) -> np.ndarray:

@@ -70,15 +70,16 @@ def read_shard(row: dict[str, Any], *, nice: int = 0) -> Iterator[dict[str, Any]
            "end_count": count, "data": b"", "error": None}
 
 
-def decode_stage(batch: dict[str, Any], *, min_size: int | None, max_size: int | None,
-                 max_pixels: int, nice: int = 0) -> dict[str, Any]:
-    """Decode and resize images to the model's test size; end markers pass untouched."""
+def decode_stage(batch: dict[str, Any], *, max_pixels: int, nice: int = 0) -> dict[str, Any]:
+    """Decode images to upright RGB uint8 at their original size; end markers pass untouched.
+
+    The predictor does the test-time resize (it owns it, whoever wrote the predictor).
+    """
     yield_cpu(nice)
     # An all-null column reaches us as NaN floats: only real messages count as read errors.
     batch = dict(batch)
     batch["error"] = [_message(e) for e in batch["error"]]
-    out = decode_batch(batch, target_short_side=min_size, max_long_side=max_size,
-                       max_pixels=max_pixels)
+    out = decode_batch(batch, max_pixels=max_pixels)
     status = list(out["status"])
     for i, kind in enumerate(batch["kind"]):
         if kind == END:

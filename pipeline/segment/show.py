@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.bundle import read_bundle_config
 from model.storage import get_filesystem, join
 from pipeline.coco.overlay import contact_sheet, render_overlay
 from pipeline.coco.panoptic_io import decode_panoptic_png
@@ -30,9 +31,7 @@ class ShowSummary:
 def load_categories(*, model: str | None = None, categories: str | None = None) -> dict:
     """category id -> {"name", "color", ...} from a bundle's config.json or a COCO JSON."""
     if model:
-        fs, path = get_filesystem(join(model, "config.json"))
-        with fs.open(path) as f:
-            cats = json.load(f)["config"]["categories"]
+        cats = read_bundle_config(model).config.to_dict()["categories"]
     elif categories:
         fs, path = get_filesystem(categories)
         with fs.open(path) as f:

@@ -1,8 +1,9 @@
 """PQ of a model being trained on a COCO panoptic validation split, in memory.
 
 The training loop's rank 0 calls :func:`evaluate_pq` every `eval_every` steps: each val image is
-resized to the model's test size, segmented by `PanopticPredictor` at its original size, and
-scored with `pipeline.evaluate`'s per-image PQ (panopticapi's semantics); nothing is written.
+segmented by `PanopticPredictor` (which resizes it to the model's test size and answers at the
+image's size), exactly as the segment job would, and scored with `pipeline.evaluate`'s
+per-image PQ (panopticapi's semantics); nothing is written.
 """
 
 from __future__ import annotations
@@ -47,24 +48,23 @@ def evaluate_pq(net: torch.nn.Module, val_uri: str, *, device: torch.device | st
         raise ValueError(f"the model predicts category ids {sorted(model_ids - set(gt.categories))}"
                          f" that the val split does not define; use a val split of the same "
                          "label space")
-    inference = net.config.inference
     predictor = PanopticPredictor(model=net, device=str(device), batch_size=batch_size)
     annotations = list(gt.annotations.values())[:limit]
     stat = PQStat()
     for start in range(0, len(annotations), batch_size):
         chunk = annotations[start:start + batch_size]
-        images, sizes, gt_maps = [], [], []
+        images, gt_maps = [], []
         for ann in chunk:
             info = gt.images[ann["image_id"]]
-            decoded = decode_image(read_bytes(join(image_dir, info["file_name"])),
-                                   target_short_side=inference.min_size,
-                                   max_long_side=inference.max_size)
+            data = read_bytes(join(image_dir, info["file_name"]))
             gt_map = decode_panoptic_png(read_bytes(join(png_dir, ann["file_name"])))
-            images.append(decoded.array)
-            sizes.append(gt_map.shape)
+            image = decode_image(data).array
+            if image.shape[:2] != gt_map.shape:  # annotated on the stored pixels (as in training)
+                image = decode_image(data, apply_exif=False).array
+            images.append(image)
             gt_maps.append(gt_map)
-        for ann, gt_map, (pred_map, segments) in zip(
-                chunk, gt_maps, predictor.predict(images, output_sizes=sizes)):
+        # The predictor resizes to the test size and answers at each photo's size.
+        for ann, gt_map, (pred_map, segments) in zip(chunk, gt_maps, predictor.predict(images)):
             stat += pq_image_stat(gt_segments=ann["segments_info"], gt_ids=gt_map,
                                   pred_segments=segments, pred_ids=pred_map,
                                   categories=gt.categories, image_id=ann["image_id"])

@@ -25,6 +25,7 @@ the class head, which is re-initialised for the new label space.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,49 +34,28 @@ from typing import Any
 from model.config import PRESETS, Category, Mask2FormerConfig
 from model.criterion import LossConfig
 from model.storage import get_filesystem, is_remote, join, pyarrow_filesystem, redact
+from pipeline.params import FinetuneParams, as_kwargs, with_params
 from pipeline.train.data import LSJConfig, load_split, train_dataset
 from pipeline.train.loop import STATE_JSON, LoopConfig, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 
-def run_finetune(
-    *,
-    train: str,
-    storage: str,
-    name: str = "panoray-finetune",
-    val: str | None = None,
-    model: str = "tiny",
-    steps: int = 1000,
-    batch_size: int = 2,
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    lr: float = 1e-4,
-    weight_decay: float = 0.05,
-    backbone_lr_multiplier: float = 0.1,
-    warmup_steps: int = 10,
-    clip_grad: float = 0.01,
-    crop_size: int = 256,
-    min_scale: float = 0.1,
-    max_scale: float = 2.0,
-    checkpoint_every: int = 100,
-    eval_every: int = 0,
-    num_to_keep: int = 2,
-    max_failures: int = 2,
-    seed: int = 0,
-    address: str | None = None,
-    cpus_per_worker: float | None = None,
-    deterministic_data: bool = False,
-    loss: LossConfig | None = None,
-) -> dict[str, Any]:
+@with_params(FinetuneParams)
+def run_finetune(p: FinetuneParams, *, cpus_per_worker: float | None = None,
+                 deterministic_data: bool = False,
+                 loss: LossConfig | None = None) -> dict[str, Any]:
     """Fine-tune `model` (a preset name, random init, or a bundle URI) on the COCO panoptic split
     `train` with Ray Train; see the module doc for storage, resume and label space.
 
-    The arguments after `address` are not in the job spec: `cpus_per_worker` (default: 1 with
-    GPUs; on CPU, at most 1 and leaving one CPU of the cluster to the data tasks),
-    `deterministic_data` (every worker reads the whole stream in order and keeps items r::W of
-    each global batch: results then do not depend on the number of workers, at W times the
-    decoding work; for tests and debugging), `loss` (criterion settings; default the reference).
+    Takes the fields of `pipeline.params.FinetuneParams` as keywords, or a params object
+    (`run_finetune(params=p)`; keywords given beside it override its fields). The other
+    arguments are not in the job spec: `cpus_per_worker` (default: 1 with GPUs; on CPU, at most
+    1 and leaving one CPU of the cluster to the data tasks), `deterministic_data` (every worker
+    reads the whole stream in order and keeps items r::W of each global batch: results then do
+    not depend on the number of workers, at W times the decoding work; for tests and
+    debugging), `loss` (criterion settings; default the reference; `num_points`, when set,
+    replaces its point count).
 
     Returns {"name", "run_dir", "final_bundle", "start_step", "step", "metrics" (the last
     report), "history" (every report of the run, resumed ones included)}.
@@ -84,32 +64,28 @@ def run_finetune(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    _check(steps=steps, batch_size=batch_size, num_workers=num_workers,
-           checkpoint_every=checkpoint_every, eval_every=eval_every, num_to_keep=num_to_keep)
-    lsj = LSJConfig(crop_size=crop_size, min_scale=min_scale, max_scale=max_scale)
-    run_uri = join(storage, name)
-    categories, reinit = _label_space(train, model)
-    split = load_split(train, category_order=[c.id for c in categories])
+    loss = loss or LossConfig()
+    if p.num_points is not None:
+        loss = dataclasses.replace(loss, num_points=p.num_points)
+    lsj = LSJConfig(crop_size=p.crop_size, min_scale=p.min_scale, max_scale=p.max_scale)
+    run_uri = join(p.storage, p.name)
+    categories, reinit = _label_space(p.train, p.model)
+    split = load_split(p.train, category_order=[c.id for c in categories])
     if not ray.is_initialized():  # no address: a Ray instance of our own, never a stray one
-        ray.init(address=address or "local")
-    storage_fs, storage_path = _ray_storage(storage)
+        ray.init(address=p.address or "local")
+    storage_fs, storage_path = _ray_storage(p.storage)
     start_step = latest_step(run_uri)
     if start_step:
-        print(f"[{name}] found a checkpoint at step {start_step} in {redact(run_uri)}: resuming",
-              flush=True)
+        print(f"[{p.name}] found a checkpoint at step {start_step} in {redact(run_uri)}: "
+              "resuming", flush=True)
     if cpus_per_worker is None:
-        cpus_per_worker = _default_cpus_per_worker(num_workers, use_gpu)
-    global_batch = num_workers * batch_size
-    dataset = train_dataset(split, lsj=lsj, seed=seed, start=start_step * global_batch,
-                            num_samples=max(steps - start_step, 1) * global_batch)
-    loop = LoopConfig(
-        name=name, model=model, categories=categories, reinit_class_head=reinit,
-        crop_size=crop_size, steps=steps, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, backbone_lr_multiplier=backbone_lr_multiplier,
-        warmup_steps=warmup_steps, clip_grad=clip_grad, checkpoint_every=checkpoint_every,
-        eval_every=eval_every, seed=seed, data_start_step=start_step,
-        deterministic_data=deterministic_data, threads=max(1, int(cpus_per_worker)),
-        loss=loss or LossConfig(), val=val, run_uri=run_uri)
+        cpus_per_worker = _default_cpus_per_worker(p.num_workers, p.use_gpu)
+    global_batch = p.num_workers * p.batch_size
+    dataset = train_dataset(split, lsj=lsj, seed=p.seed, start=start_step * global_batch,
+                            num_samples=max(p.steps - start_step, 1) * global_batch)
+    loop = LoopConfig(**as_kwargs(p), categories=categories, reinit_class_head=reinit,
+                      data_start_step=start_step, deterministic_data=deterministic_data,
+                      threads=max(1, int(cpus_per_worker)), loss=loss, run_uri=run_uri)
     data_config = ray.train.DataConfig()
     if deterministic_data:
         from ray.data import ExecutionOptions
@@ -120,19 +96,19 @@ def run_finetune(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            num_workers=p.num_workers, use_gpu=p.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep)),
+            name=p.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.num_to_keep)),
         datasets={"train": dataset},
         dataset_config=data_config,
     )
     result = trainer.fit()
     history = read_history(run_uri)
     return {
-        "name": name,
+        "name": p.name,
         "run_dir": redact(run_uri),
         "final_bundle": redact(join(run_uri, "final")),
         "start_step": start_step,
@@ -140,13 +116,6 @@ def run_finetune(
         "metrics": dict(result.metrics or {}),
         "history": history,
     }
-
-
-def _check(**values: int) -> None:
-    for key, value in values.items():
-        minimum = 0 if key == "eval_every" else 1
-        if not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
 def _default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
@@ -192,14 +161,13 @@ def _label_space(train: str, source: str) -> tuple[tuple[Category, ...], bool]:
 
 
 def _bundle_config(uri: str) -> Mask2FormerConfig:
-    from model.bundle import CONFIG_FILE
+    from model.bundle import read_bundle_config
 
-    fs, path = get_filesystem(join(uri, CONFIG_FILE))
-    if not fs.exists(path):
+    try:
+        return read_bundle_config(uri).config
+    except FileNotFoundError:
         raise FileNotFoundError(f"model {redact(uri)!r} is neither a preset ({sorted(PRESETS)}) "
-                                "nor a model bundle folder; pass one of those")
-    with fs.open(path, "r") as f:
-        return Mask2FormerConfig.from_dict(json.load(f)["config"])
+                                "nor a model bundle folder; pass one of those") from None
 
 
 def latest_step(run_uri: str) -> int:

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import posixpath
 import random
 import tempfile
@@ -35,11 +36,13 @@ import torch
 
 from model.bundle import load_bundle, load_state_dict_into, save_bundle
 from model.config import PRESETS, Category, Mask2FormerConfig, get_config
+from model.cpu_training import ChannelsLastAdamW, accelerate_cpu_training, select_uncertain_points
 from model.criterion import LossConfig, build_criterion
 from model.mask2former import build_model
 from model.optim import build_optimizer, clip_grad_norm, warmup_poly_scheduler
 from model.point_sampling import seeded_generators
 from model.storage import get_filesystem, join, redact
+from pipeline.params import FinetuneParams
 from pipeline.train.data import to_model_inputs
 from pipeline.train.evaluation import evaluate_pq, test_size_for_crop
 
@@ -51,30 +54,17 @@ CHECKPOINT_PREFIX = "checkpoint_"
 STATE_JSON = "train_state.json"
 
 
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    """What every worker needs; built by `run_finetune`, passed through Ray."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopConfig(FinetuneParams):
+    """What every worker needs: the job's parameters (name, model, steps, lr, ...) and what
+    `run_finetune` resolved from them; passed through Ray."""
 
-    name: str
-    model: str  # preset name or bundle URI
-    categories: tuple[Category, ...]
+    categories: tuple[Category, ...]  # the label space, in class-index order
     reinit_class_head: bool
-    crop_size: int
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    backbone_lr_multiplier: float
-    warmup_steps: int
-    clip_grad: float
-    checkpoint_every: int
-    eval_every: int
-    seed: int
     data_start_step: int  # the first step the dataset's stream covers
     deterministic_data: bool
     threads: int
-    loss: LossConfig
-    val: str | None
+    loss: LossConfig  # num_points already applied
     run_uri: str  # <storage>/<name>
 
 
@@ -88,7 +78,7 @@ def initial_model(*, source: str, categories: tuple[Category, ...], reinit_class
     if source in PRESETS:
         cfg = dataclasses.replace(get_config(source), categories=categories)
         return build_model(_with_test_size(cfg, crop_size, name))
-    base = load_bundle_any(source)
+    base = load_bundle(source)
     cfg = _with_test_size(dataclasses.replace(base.config, categories=categories), crop_size, name)
     net = build_model(cfg)
     load_state_dict_into(net, base.state_dict(), reinit_class_head=reinit_class_head)
@@ -101,18 +91,6 @@ def _with_test_size(cfg: Mask2FormerConfig, crop_size: int, name: str) -> Mask2F
     return dataclasses.replace(cfg, name=name, inference=inference)
 
 
-def load_bundle_any(uri: str) -> torch.nn.Module:
-    """load_bundle for any storage URI (S3 endpoint overrides through `model.storage`)."""
-    fs, path = get_filesystem(uri)
-    return load_bundle(path, filesystem=fs)
-
-
-def save_bundle_any(net: torch.nn.Module, uri: str, *, name: str) -> None:
-    """save_bundle for any storage URI."""
-    fs, path = get_filesystem(uri)
-    save_bundle(net, path, name=name, filesystem=fs)
-
-
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     return net.module if hasattr(net, "module") else net
 
@@ -121,7 +99,10 @@ def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(directory: str, *, net, optimizer, scheduler, scaler, step: int, name: str,
                     history: list[dict], rank: int) -> None:
-    """Write this worker's part of a checkpoint into `directory` (rank 0: model and state)."""
+    """Write this worker's part of a checkpoint into `directory` (rank 0: model and state).
+
+    The .pt files hold tensors and plain values only, so they load with weights_only=True.
+    """
     if rank == 0:
         save_bundle(_unwrap(net), os.path.join(directory, "model"), name=name)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -129,17 +110,17 @@ def save_checkpoint(directory: str, *, net, optimizer, scheduler, scaler, step: 
                    os.path.join(directory, "train_state.pt"))
         with open(os.path.join(directory, STATE_JSON), "w") as f:
             json.dump({"step": step, "name": name, "history": history}, f)
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate()}, os.path.join(directory, f"rng_rank{rank}.pt"))
+    torch.save(_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
 
 
 def load_checkpoint(directory: str, *, net, optimizer, scheduler, scaler,
                     rank: int) -> tuple[int, list[dict]]:
     """Restore model, optimizer, scheduler, scaler and this worker's RNG; returns (step,
-    history)."""
+    history). Raises ValueError for a state file that holds more than tensors and plain values
+    (unpickling it could run code)."""
     bundle = load_bundle(os.path.join(directory, "model"))
     _unwrap(net).load_state_dict(bundle.state_dict())
-    state = torch.load(os.path.join(directory, "train_state.pt"), weights_only=False)
+    state = _load_plain(os.path.join(directory, "train_state.pt"))
     optimizer.load_state_dict(state["optimizer"])
     # Keep this run's schedule (its total steps): a re-run may extend `steps`.
     scheduler.load_state_dict({**state["scheduler"],
@@ -147,13 +128,52 @@ def load_checkpoint(directory: str, *, net, optimizer, scheduler, scaler,
     scaler.load_state_dict(state["scaler"])
     rng_file = os.path.join(directory, f"rng_rank{rank}.pt")
     if os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        _set_rng_state(_load_plain(rng_file))
     with open(os.path.join(directory, STATE_JSON)) as f:
         history = json.load(f).get("history", [])
     return int(state["step"]), history
+
+
+def _load_plain(path: str) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers, never code.
+
+    A checkpoint lives in shared storage, so whoever can write there must not be able to run
+    code in the training job; a file that needs more (an older panoray's RNG file held numpy
+    arrays, or a planted pickle) is refused, not loaded.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        words = str(e).split()  # torch names the refused global: "... GLOBAL posix.system ..."
+        needs = words[words.index("GLOBAL") + 1] if "GLOBAL" in words[:-1] else "Python objects"
+        raise ValueError(
+            f"checkpoint file {os.path.basename(path)} needs {needs} to load, which could run "
+            "code, so panoray refuses it (it was written by an older panoray or not by panoray "
+            "at all); start a fresh run name instead of resuming this run"
+        ) from None
+
+
+def _rng_state() -> dict:
+    """This process's torch / numpy / python RNG states as tensors and plain values."""
+    numpy_state = np.random.get_state(legacy=False)
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"bit_generator": numpy_state["bit_generator"],
+                      "key": numpy_state["state"]["key"].tolist(),
+                      "pos": int(numpy_state["state"]["pos"]),
+                      "has_gauss": int(numpy_state["has_gauss"]),
+                      "gauss": float(numpy_state["gauss"])},
+            "python": random.getstate()}  # (version, tuple of ints, float or None)
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    numpy_state = rng["numpy"]
+    np.random.set_state({"bit_generator": numpy_state["bit_generator"],
+                         "state": {"key": np.asarray(numpy_state["key"], dtype=np.uint32),
+                                   "pos": numpy_state["pos"]},
+                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 # -------------------------------------------------------------------------------- the loop
@@ -249,8 +269,12 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     net.train()
     net = ray.train.torch.prepare_model(net)
     device = next(net.parameters()).device
+    on_cpu = device.type == "cpu"
+    if on_cpu:  # the opt-in CPU training layer (model/cpu_training.py); same state_dict keys
+        accelerate_cpu_training(net)
     optimizer = build_optimizer(net, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                backbone_lr_multiplier=cfg.backbone_lr_multiplier)
+                                backbone_lr_multiplier=cfg.backbone_lr_multiplier,
+                                adamw=ChannelsLastAdamW if on_cpu else torch.optim.AdamW)
     scheduler = warmup_poly_scheduler(optimizer, total_steps=cfg.steps,
                                       warmup_steps=cfg.warmup_steps)
     autocast, fp16 = _autocast(device)
@@ -265,7 +289,9 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
         verb = "resuming at" if step else "starting at"
         log.info(f"[{cfg.name}] {verb} step {step}/{cfg.steps}, {world} worker(s) x batch "
                  f"{cfg.batch_size}, device {device}")
-    criterion = build_criterion(cfg.loss, num_classes=len(cfg.categories)).to(device)
+    criterion = build_criterion(cfg.loss, num_classes=len(cfg.categories),
+                                point_selector=select_uncertain_points if on_cpu else None,
+                                ).to(device)
     batches = _batches(ray.train.get_dataset_shard("train"), batch_size=cfg.batch_size,
                        rank=rank, world=world, deterministic=cfg.deterministic_data)
     skip = step - cfg.data_start_step
@@ -317,7 +343,8 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
                 scheduler=scheduler, scaler=scaler, step=step, rank=rank)
 
     if rank == 0:
-        save_bundle_any(_unwrap(net), join(cfg.run_uri, "final"), name=cfg.name)
+        save_bundle(_unwrap(net), join(cfg.run_uri, "final"), name=cfg.name,
+                    storage_dtype=getattr(torch, cfg.bundle_dtype))
         _write_history(cfg.run_uri, history)
         log.info(f"[{cfg.name}] done at step {step}; final bundle at "
                  f"{redact(join(cfg.run_uri, 'final'))}")

@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import socket
 
+import fsspec
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from model.bundle import (
+    BundleError,
     BundleMismatchError,
     bundle_id,
     load_bundle,
     load_state_dict_into,
+    read_bundle_config,
     save_bundle,
 )
 from model.config import get_config
 from model.mask2former import build_model
+
+
+def closed_loopback_endpoint() -> str:
+    """An http endpoint on 127.0.0.1 nothing listens on: a request there is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def s3_uri_with_endpoint(s3_bucket, s3_server, monkeypatch) -> str:
+    """A bundle URI on the moto server named only by its `?endpoint=` query: the environment's
+    default endpoint is a closed loopback port, so a request that ignores the query fails fast
+    (and never leaves the machine)."""
+    closed = closed_loopback_endpoint()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    return f"s3://{s3_bucket}/models/tiny?endpoint={s3_server}"
 
 
 @torch.no_grad()
@@ -56,6 +81,81 @@ def test_s3_round_trip(s3_bucket, tiny_net, tiny_outputs, images):
     assert_same_outputs(tiny_outputs, loaded, images)
     assert loaded.model_id == bundle_id(uri)
     assert loaded.model_id.startswith("tiny@")
+
+
+def test_s3_endpoint_query_is_honoured_by_every_door(s3_uri_with_endpoint, tiny_net,
+                                                     tiny_outputs, images):
+    uri = s3_uri_with_endpoint
+    model_id = save_bundle(tiny_net, uri)
+    info = read_bundle_config(uri)
+    assert (info.name, info.config, info.model_id) == ("tiny", tiny_net.config, model_id)
+    assert bundle_id(uri) == model_id
+    loaded = load_bundle(uri)
+    assert loaded.model_id == model_id
+    assert_same_outputs(tiny_outputs, loaded, images)
+    # The fixture is a real test: without the query the request goes to the closed port.
+    with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+        bundle_id(uri.split("?")[0])
+
+
+def _count_weight_reads(monkeypatch, fs) -> list[str]:
+    """Record the mode of every open of a model.safetensors on `fs` from now on."""
+    reads: list[str] = []
+    real_open = fs.open
+
+    def counting_open(path, mode="rb", **kwargs):
+        if str(path).endswith("model.safetensors"):
+            reads.append(mode)
+        return real_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(fs, "open", counting_open)
+    return reads
+
+
+def test_model_id_comes_from_config_json_and_weights_are_read_once(tiny_net, monkeypatch):
+    memory = fsspec.filesystem("memory")
+    uri = "memory://read-once/tiny"
+    model_id = save_bundle(tiny_net, uri, filesystem=memory)
+    sha256 = hashlib.sha256(memory.cat_file("/read-once/tiny/model.safetensors")).hexdigest()
+    manifest = json.loads(memory.cat_file("/read-once/tiny/config.json"))
+    assert manifest["weights_sha256"] == sha256 and model_id == f"tiny@{sha256[:12]}"
+    reads = _count_weight_reads(monkeypatch, memory)
+    assert read_bundle_config(uri, filesystem=memory).model_id == model_id
+    assert bundle_id(uri, filesystem=memory) == model_id
+    assert reads == []  # config.json alone names the weights
+    assert load_bundle(uri, filesystem=memory).model_id == model_id
+    assert reads == ["rb"]  # one read, hashed once, for the check and the id together
+
+
+def test_bundles_without_a_recorded_hash_keep_their_model_id(tiny_net, monkeypatch):
+    memory = fsspec.filesystem("memory")
+    uri = "memory://old-format/tiny"
+    model_id = save_bundle(tiny_net, uri, filesystem=memory)
+    manifest = json.loads(memory.cat_file("/old-format/tiny/config.json"))
+    del manifest["weights_sha256"]  # as written before config.json recorded it
+    memory.pipe_file("/old-format/tiny/config.json", json.dumps(manifest).encode())
+    reads = _count_weight_reads(monkeypatch, memory)
+    assert bundle_id(uri, filesystem=memory) == model_id
+    assert reads == ["rb"]  # hashed once, streaming
+    assert load_bundle(uri, filesystem=memory).model_id == model_id
+
+
+def test_weights_altered_after_saving_are_refused(tmp_path, tiny_net):
+    uri = str(tmp_path / "altered")
+    save_bundle(tiny_net, uri)
+    weights = tmp_path / "altered" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last tensor: still a valid file of the right shapes
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError) as err:
+        load_bundle(uri)
+    message = str(err.value)
+    assert f"the weights of bundle {uri} were altered after it was saved" in message
+    assert "\n" not in message and message.count(". ") == 0
+
+    weights.write_bytes(bytes(data[: len(data) // 2]))  # truncated, e.g. an interrupted copy
+    with pytest.raises(BundleError, match=f"the weights of bundle {uri} were altered"):
+        load_bundle(uri)
 
 
 def test_explicit_filesystem_is_used(tiny_net, tiny_outputs, images):
@@ -148,3 +248,22 @@ def test_new_label_space_keeps_everything_but_the_class_head(tiny_net):
     for key, value in target.state_dict().items():
         if "class_embed" not in key:
             assert torch.equal(value, source[key]), key
+
+
+def test_half_precision_storage_halves_the_file_and_loads_as_float32(tmp_path, tiny_net,
+                                                                     tiny_outputs, images):
+    save_bundle(tiny_net, str(tmp_path / "full"))
+    save_bundle(tiny_net, str(tmp_path / "half"), storage_dtype=torch.float16)
+    full = (tmp_path / "full" / "model.safetensors").stat().st_size
+    half = (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert half < 0.52 * full
+    net = load_bundle(str(tmp_path / "half"))
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    for key, value in net.state_dict().items():  # each weight is its float16 rounding
+        expected = tiny_net.state_dict()[key]
+        if expected.is_floating_point():
+            assert torch.equal(value, expected.to(torch.float16).float()), key
+    with torch.no_grad():
+        out = net(images)
+    torch.testing.assert_close(out["pred_logits"], tiny_outputs["pred_logits"],
+                               atol=2e-2, rtol=2e-2)

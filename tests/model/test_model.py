@@ -12,7 +12,6 @@ from PIL import Image
 import model.pixel_decoder as pixel_decoder
 from model.config import get_config
 from model.mask2former import build_model
-from model.ops import group_norm_nhwc
 from model.pixel_decoder import MSDeformAttn, op_dtype
 
 
@@ -218,56 +217,3 @@ def test_training_step_reaches_head_and_backbone():
                  "sem_seg_head.predictor.class_embed.weight"):
         assert named[name].grad is not None and named[name].grad.abs().sum() > 0, name
     assert "backbone.bn1.weight" not in named  # frozen BN: statistics and affine are buffers
-
-
-def test_one_by_one_convolution_as_a_matrix_product_equals_conv2d():
-    torch.manual_seed(0)
-    conv = pixel_decoder.Conv2d(24, 16, kernel_size=1).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 24, 5, 7).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    out = conv(x)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
-    expected = torch.autograd.grad(want, (x, conv.weight, conv.bias), grad)
-    for a, b in zip(got, expected):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    # contiguous (NCHW) inputs and 3x3 kernels take nn.Conv2d's own path
-    assert torch.equal(conv(x.detach().contiguous()),
-                       torch.nn.functional.conv2d(x.detach().contiguous(), conv.weight, conv.bias))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_channels_last_group_norm_equals_torch(dtype):
-    torch.manual_seed(0)
-    norm = pixel_decoder.GroupNorm(4, 12).to(dtype)
-    with torch.no_grad():
-        norm.weight.normal_()
-        norm.bias.normal_()
-    # an offset mean: E[x^2] - mean^2 must not cancel
-    x = (torch.randn(3, 12, 5, 7, dtype=dtype) * 2 + 30).contiguous(
-        memory_format=torch.channels_last).requires_grad_(True)
-    out = norm(x)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    plain = x.detach().contiguous().requires_grad_(True)
-    want = torch.nn.functional.group_norm(plain, 4, norm.weight, norm.bias, norm.eps)
-    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {}
-    torch.testing.assert_close(out, want, **tol)
-    grad = torch.randn_like(want)
-    got = torch.autograd.grad(out, (x, norm.weight, norm.bias), grad)
-    expected = torch.autograd.grad(want, (plain, norm.weight, norm.bias), grad)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, **tol)
-    with torch.no_grad():  # inference takes the same kernel
-        torch.testing.assert_close(norm(x), want, **tol)
-    if dtype == torch.float64:
-        small = torch.randn(2, 12, 3, 2, dtype=dtype).contiguous(
-            memory_format=torch.channels_last).requires_grad_(True)
-        def group_norm(t, weight, bias):
-            return group_norm_nhwc(t, weight, bias, 4, 1e-5)
-        assert torch.autograd.gradcheck(group_norm, (small, norm.weight, norm.bias))
-        torch.library.opcheck(torch.ops.panoray.group_norm_nhwc.default,
-                              (small, norm.weight, norm.bias, 4, 1e-5))

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from model.ops import has_compiled_op
 from model.point_sampling import (
     point_sample,
     seeded_generators,
@@ -83,80 +82,6 @@ def test_importance_points_are_the_most_uncertain_candidates(importance_sample_r
         got = coords[r, :num_uncertain]
         assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
         assert torch.equal(coords[r, num_uncertain:], fill[r])
-
-
-needs_op = pytest.mark.skipif(not has_compiled_op(), reason="model._C is not built")
-
-
-def topk_selection(logits: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """The Python path: grid_sample, -|logit|, top-k, gather."""
-    uncertainty = -point_sample(logits.unsqueeze(1), candidates).abs()[:, 0]
-    top = torch.topk(uncertainty, k=k, dim=1).indices
-    return torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
-
-
-@needs_op
-@pytest.mark.parametrize("shape", [(5, 32, 32), (2, 7, 13), (1, 1, 1)])
-def test_compiled_selection_keeps_the_top_k_set(shape):
-    g = torch.Generator().manual_seed(sum(shape))
-    logits = torch.randn(*shape, generator=g) * 3
-    candidates = torch.rand(shape[0], 3000, 2, generator=g)
-    k = 750
-    got = torch.ops.panoray.most_uncertain_points(logits, candidates, k)
-    want = topk_selection(logits, candidates, k)
-    assert got.shape == (shape[0], k, 2)
-    for r in range(shape[0]):
-        assert sorted(map(tuple, got[r].tolist())) == sorted(map(tuple, want[r].tolist()))
-        # kept in candidate order
-        index = {tuple(c): i for i, c in enumerate(candidates[r].tolist())}
-        order = [index[tuple(c)] for c in got[r].tolist()]
-        assert order == sorted(order)
-
-    # Candidates outside the map read the zero padding: many score exactly 0 and tie, so only
-    # the kept scores are comparable, not which of the tied points were kept.
-    outside = candidates * 1.6 - 0.3
-    got = torch.ops.panoray.most_uncertain_points(logits, outside, k)
-    want = topk_selection(logits, outside, k)
-    def kept_scores(points):
-        return point_sample(logits.unsqueeze(1), points).abs().sort(dim=-1).values
-    torch.testing.assert_close(kept_scores(got), kept_scores(want), rtol=0, atol=1e-6)
-
-    # Points a float's width either side of where the map's last and first bilinear corners
-    # end (pixel coordinates -1 and w or h), where rounding decides the cell.
-    h, w = shape[1:]
-    edges = torch.tensor([-0.5 / w, (w + 0.5) / w, -0.5 / h, (h + 0.5) / h])
-    edges = torch.cat([torch.nextafter(edges, edges - 1), edges, torch.nextafter(edges, edges + 1)])
-    grid = torch.cartesian_prod(edges, edges)  # (144, 2)
-    points = torch.cat([grid, candidates[0, :856]])[None].expand(shape[0], -1, -1).contiguous()
-    got = torch.ops.panoray.most_uncertain_points(logits, points, 500)
-    torch.testing.assert_close(kept_scores(got), kept_scores(topk_selection(logits, points, 500)),
-                               rtol=0, atol=1e-6)
-
-
-@needs_op
-def test_compiled_selection_ties_nan_and_edge_sizes():
-    candidates = torch.rand(2, 10, 2, generator=torch.Generator().manual_seed(0))
-    flat = torch.zeros(2, 4, 4)  # every candidate reads exactly 0: the first k win the tie
-    assert torch.equal(torch.ops.panoray.most_uncertain_points(flat, candidates, 3),
-                       candidates[:, :3])
-    # NaN counts as the most uncertain, as torch.topk ranks it: only the points that read the
-    # NaN pixel (0, 0) are kept, even against logits of 0.
-    with_nan = torch.full((1, 4, 4), 10.0)
-    with_nan[0, 3, 3] = 0.0
-    with_nan[0, 0, 0] = float("nan")
-    points = torch.tensor([[[0.1, 0.1], [0.875, 0.875], [0.125, 0.125], [0.6, 0.6]]])
-    assert torch.equal(torch.ops.panoray.most_uncertain_points(with_nan, points, 2),
-                       points[:, [0, 2]])
-    assert torch.ops.panoray.most_uncertain_points(flat, candidates, 0).shape == (2, 0, 2)
-    torch.library.opcheck(torch.ops.panoray.most_uncertain_points.default, (flat, candidates, 3))
-    with pytest.raises(RuntimeError, match="k must be in"):
-        torch.ops.panoray.most_uncertain_points(flat, candidates, 11)
-    with pytest.raises(RuntimeError, match="must be float32"):
-        torch.ops.panoray.most_uncertain_points(flat.double(), candidates, 1)
-    with pytest.raises(RuntimeError, match="maps are empty"):
-        torch.ops.panoray.most_uncertain_points(flat[:, :0], candidates, 1)
-    with pytest.raises(RuntimeError, match="candidates must be"):
-        torch.ops.panoray.most_uncertain_points(flat, candidates[..., :1], 1)
 
 
 def test_importance_points_concentrate_where_uncertainty_peaks():

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.segment.decode import DecodeError, decode_batch, decode_image, resized_size
+from pipeline.segment.decode import (
+    DecodeError,
+    decode_batch,
+    decode_image,
+    resize_image,
+    resized_size,
+)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +145,25 @@ def test_resize_to_the_test_size_keeps_the_original_size():
     assert decoded.array.shape == (38, 150, 3)  # long side capped: 100 * 150 / 400 = 37.5
     assert resized_size(width=300, height=600, short_side=800, max_long_side=1333) == (667, 1333)
     assert resized_size(width=640, height=480, short_side=800, max_long_side=1333) == (1067, 800)
+
+
+@pytest.mark.parametrize("short_side, max_long_side", [(50, 150), (200, 333), (None, 40)])
+def test_resize_image_is_the_resize_of_decode_image(short_side, max_long_side):
+    """The predictor's resize (of a decoded photo) and the decoder's resize are one arithmetic:
+    Pillow's bilinear to `resized_size`, shrinking and enlarging."""
+    rng = np.random.default_rng(3)
+    photo = np.kron(rng.integers(0, 256, (13, 31, 3), dtype=np.uint8),
+                    np.ones((8, 8, 1), dtype=np.uint8))[:100, :240]
+    data = _encode(Image.fromarray(photo), "PNG")
+    resized = resize_image(decode_image(data).array, short_side=short_side,
+                           max_long_side=max_long_side)
+    size = resized_size(width=240, height=100, short_side=short_side, max_long_side=max_long_side)
+    assert resized.shape == (size[1], size[0], 3) and resized.dtype == np.uint8
+    np.testing.assert_array_equal(resized, decode_image(
+        data, target_short_side=short_side, max_long_side=max_long_side).array)
+    np.testing.assert_array_equal(resized, np.asarray(
+        Image.fromarray(photo).resize(size, Image.Resampling.BILINEAR)))
+    assert resize_image(photo, short_side=100, max_long_side=None) is photo  # already that size
 
 
 def test_batch_passes_source_errors_through_and_never_raises():

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.config import get_config
 from model.mask2former import build_model
+from model.postprocess import postprocess_batch
+from pipeline.segment.decode import decode_image
 from pipeline.segment.predictor import PanopticPredictor, plan_batches
 
 
@@ -18,9 +22,11 @@ from pipeline.segment.predictor import PanopticPredictor, plan_batches
 def predictor():
     torch.manual_seed(0)
     config = get_config("tiny")
-    # keep every query so random weights still produce segments to compare
+    # keep every query so random weights still produce segments to compare; a small test size
+    # keeps the CPU forward quick
     config = dataclasses.replace(config, inference=dataclasses.replace(
-        config.inference, object_mask_threshold=0.0, overlap_threshold=0.0))
+        config.inference, object_mask_threshold=0.0, overlap_threshold=0.0, min_size=64,
+        max_size=128))
     return PanopticPredictor(model=build_model(config), batch_size=3, threads=2)
 
 
@@ -45,15 +51,15 @@ def test_plan_batches_covers_every_image_once():
 
 
 def test_batched_results_match_each_image_alone(predictor):
-    sizes = [(96, 128), (96, 128), (80, 120), (128, 96), (70, 100)]
+    # photos of any size: resized to the test size (short side 64, long side <= 128) inside
+    sizes = [(192, 256), (96, 128), (80, 120), (256, 192), (35, 50), (64, 300)]
     images = _images(sizes)
-    outputs = [(h * 2, w * 2) for h, w in sizes]  # results come back at the original size
-    batched = predictor.predict(images, output_sizes=outputs)
+    batched = predictor.predict(images)
     assert len(batched) == len(images)
     agree = total = 0
-    for image, out, (ids, segments) in zip(images, outputs, batched):
-        assert ids.shape == out and ids.dtype == np.int32
-        alone_ids, alone_segments = predictor.predict([image], output_sizes=[out])[0]
+    for image, (ids, segments) in zip(images, batched):
+        assert ids.shape == image.shape[:2] and ids.dtype == np.int32  # at the photo's size
+        alone_ids, alone_segments = predictor.predict([image])[0]
         # same panoptic map up to renumbering: compare the category of every pixel
         def cats(id_map, segs):
             lut = {s["id"]: s["category_id"] for s in segs}
@@ -64,8 +70,41 @@ def test_batched_results_match_each_image_alone(predictor):
     assert agree / total >= 0.995
 
 
+def test_predict_resizes_as_the_decoder_did_and_answers_at_the_photo_size(predictor):
+    """The oracle is the pre-contract path: the decoder resized to the test size, the model ran
+    on that, post-processing brought the map back to the original size."""
+    photo = _images([(90, 150)], seed=4)[0]
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="PNG")
+    inference = predictor.config.inference
+    small = decode_image(buf.getvalue(), target_short_side=inference.min_size,
+                         max_long_side=inference.max_size).array
+    assert small.shape == (64, 107, 3)
+    x = torch.tensor(predictor.config.pixel_mean).view(1, 3, 1, 1).repeat(1, 1, 64, 128)
+    x[0, :, :64, :107] = torch.from_numpy(small.copy()).permute(2, 0, 1)
+    with torch.inference_mode():
+        out = predictor.model(x, aux_outputs=False)
+    [expected] = postprocess_batch(
+        pred_logits=out["pred_logits"], pred_masks=out["pred_masks"], input_sizes=[(64, 107)],
+        output_sizes=[(90, 150)], padded_size=(64, 128), isthing=predictor.isthing,
+        category_ids=predictor.category_ids,
+        object_mask_threshold=inference.object_mask_threshold,
+        overlap_threshold=inference.overlap_threshold)
+    [(ids, segments)] = predictor.predict([photo])
+    assert ids.shape == (90, 150)
+    np.testing.assert_array_equal(ids, expected["panoptic_seg"][0].numpy())
+    assert segments == expected["panoptic_seg"][1]
+
+
+def test_predict_says_what_it_takes(predictor):
+    with pytest.raises(ValueError, match=r"image 1 is a float32 array .* uint8 RGB"):
+        predictor.predict([_images([(40, 40)])[0], np.zeros((40, 40, 3), np.float32)])
+    with pytest.raises(ValueError, match=r"image 0 is a uint8 array of shape \(40, 40\)"):
+        predictor.predict([np.zeros((40, 40), np.uint8)])
+
+
 def test_ray_data_batch_with_error_rows(predictor):
-    images = _images([(64, 96), (64, 96)])
+    images = _images([(64, 96), (32, 48)])  # decoded photos at their original size
     batch = {
         "image_id": np.array(["a", "b", "c"], dtype=object),
         "status": np.array(["ok", "error", "ok"], dtype=object),
@@ -80,6 +119,14 @@ def test_ray_data_batch_with_error_rows(predictor):
     ids0 = np.frombuffer(out["panoptic"][0], dtype=np.int32).reshape(64, 96)
     ids2 = np.frombuffer(out["panoptic"][2], dtype=np.int32).reshape(32, 48)
     assert {s["id"] for s in json.loads(out["segments"][2])} == set(np.unique(ids2)) - {0}
+    alone_ids, alone_segments = predictor.predict([images[1]])[0]
+    np.testing.assert_array_equal(ids2, alone_ids)  # the original-size photo, resized inside
+    batched_segments = json.loads(out["segments"][2])
+    assert [s["category_id"] for s in batched_segments] == [
+        s["category_id"] for s in alone_segments]
+    # its batch-mate only reorders float sums
+    assert [s["score"] for s in batched_segments] == pytest.approx(
+        [s["score"] for s in alone_segments], abs=1e-5)
     assert ids0.any() or ids0.sum() == 0
     assert out["panoptic"][1] is None and out["segments"][1] is None
     assert out["error"][1] == "not an image"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import boto3
@@ -10,6 +11,7 @@ import pytest
 from bad_inputs import EXIF_UPRIGHT_SIZE, make_bad_inputs
 from segment_helpers import image_bytes, read_output, tar_shard, tiny_bundle, write_images
 
+from model.bundle import read_bundle_config
 from pipeline.segment.commits import OutputLocked, WriterLock
 from pipeline.segment.job import run_segment
 from pipeline.segment.schema import validate_rows
@@ -75,6 +77,23 @@ def test_tar_shards_on_s3_to_parquet_on_s3(tmp_path, bundle, s3_bucket, s3_serve
     later = run_segment(src=f"s3://{s3_bucket}/in", dst=dst, model=bundle, progress=False)
     assert (later.shards_done, later.shards_skipped, later.images_ok) == (1, 2, 1)
     assert read_output(dst).num_rows == 7
+
+
+def test_a_bundle_named_by_an_endpoint_query(tmp_path, s3_bucket, s3_server, ray_local,
+                                             monkeypatch):
+    uri = tiny_bundle(f"s3://{s3_bucket}/models/tiny?endpoint={s3_server}")
+    # The driver's default endpoint is a closed loopback port: only the query reaches the bundle.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    src, dst = tmp_path / "in", str(tmp_path / "out")
+    write_images(src, ["x.jpg"])
+    summary = run_segment(src=str(src), dst=dst, model=uri, progress=False)
+    assert (summary.images_ok, summary.images_failed) == (1, 0)
+    assert read_output(dst).column("model_id").to_pylist() == [read_bundle_config(uri).model_id]
 
 
 def test_output_reads_back_without_panoray(tmp_path, bundle, ray_local):

@@ -6,12 +6,15 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
+from segment_helpers import tiny_bundle
 
+from model.bundle import read_bundle_config
 from pipeline.coco.panoptic_io import read_panoptic_png
 from pipeline.segment.commits import OutputStore
 from pipeline.segment.schema import encode_result, ok_row, to_table
-from pipeline.segment.show import show
+from pipeline.segment.show import load_categories, show
 
 
 def test_overlays_and_contact_sheet_from_output(coco_sample, tmp_path):
@@ -42,3 +45,14 @@ def test_overlays_and_contact_sheet_from_output(coco_sample, tmp_path):
         assert picture.shape == original.shape
         assert np.abs(picture.astype(int) - original).mean() > 5  # something was painted
     assert Image.open(summary.contact_sheet).size[0] > 0
+
+
+def test_categories_come_from_the_bundle_door(tmp_path):
+    bundle = tiny_bundle(str(tmp_path / "bundle"))
+    cats = load_categories(model=bundle)
+    expected = read_bundle_config(bundle).config.categories
+    assert sorted(cats) == sorted(c.id for c in expected)
+    first = expected[0]
+    assert (cats[first.id]["name"], tuple(cats[first.id]["color"])) == (first.name, first.color)
+    with pytest.raises(FileNotFoundError, match="not a model bundle"):
+        load_categories(model=str(tmp_path / "nothing"))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,13 +19,15 @@ import numpy as np
 import pytest
 import torch
 
+from model.bundle import load_bundle
+from model.config import get_config
 from model.criterion import LossConfig, build_criterion
 from model.optim import build_optimizer, warmup_poly_scheduler
 from model.storage import get_filesystem
 from pipeline.coco.synth import make_synthetic_dataset
 from pipeline.train.data import LSJConfig, example_at, load_split
 from pipeline.train.job import latest_step, run_finetune
-from pipeline.train.loop import initial_model, load_bundle_any, train_step
+from pipeline.train.loop import initial_model, load_checkpoint, save_checkpoint, train_step
 
 REPO = Path(__file__).resolve().parents[3]
 SMALL = dict(model="tiny", crop_size=64, lr=1e-3, warmup_steps=1, seed=0,
@@ -62,7 +67,7 @@ def synth_local(tmp_path_factory) -> str:
 
 
 def _params(uri: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in load_bundle_any(uri).state_dict().items()}
+    return {k: v.detach().clone() for k, v in load_bundle(uri).state_dict().items()}
 
 
 def _single_process_run(train: str, *, steps: int, batch_size: int) -> dict[str, torch.Tensor]:
@@ -165,7 +170,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_local, synth_local, t
     steps = [h["step"] for h in result["history"]]
     assert steps == sorted(steps) and steps[-1] == 6 and killed_at in steps
     assert latest_step(run_uri) == 6
-    assert load_bundle_any(result["final_bundle"]).config.num_classes == 8
+    assert load_bundle(result["final_bundle"]).config.num_classes == 8
 
 
 def test_a_few_steps_on_real_coco_images_lower_the_loss(coco_sample, one_thread):
@@ -218,3 +223,78 @@ def test_bad_settings_fail_before_any_work(tmp_path, synth_local):
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         run_finetune(train=f"{synth_local}/train", storage=str(tmp_path), steps=1,
                      model=str(tmp_path / "nothing"))
+
+
+def _training_state(seed: int = 0) -> dict:
+    """A tiny model with optimizer, scheduler and scaler after one step (Adam moments set)."""
+    torch.manual_seed(seed)
+    net = initial_model(source="tiny", categories=get_config("tiny").categories,
+                        reinit_class_head=True, crop_size=64, name="ckpt", seed=seed)
+    optimizer = build_optimizer(net, lr=1e-3)
+    scheduler = warmup_poly_scheduler(optimizer, total_steps=10, warmup_steps=1)
+    sum(p.square().sum() for p in net.parameters()).backward()
+    optimizer.step()
+    scheduler.step()
+    return dict(net=net, optimizer=optimizer, scheduler=scheduler,
+                scaler=torch.amp.GradScaler("cpu", enabled=False))
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_checkpoint_round_trips_with_plain_tensors_and_values(tmp_path):
+    state = _training_state()
+    save_checkpoint(str(tmp_path), step=7, name="ckpt", history=[{"step": 7}], rank=0, **state)
+    expected = _draws()  # what a resumed worker draws next
+    for name in ("train_state.pt", "rng_rank0.pt"):  # nothing in them needs code to load
+        torch.load(tmp_path / name, weights_only=True)
+    fresh = _training_state(seed=1)
+    step, history = load_checkpoint(str(tmp_path), rank=0, **fresh)
+    assert (step, history) == (7, [{"step": 7}])
+    assert _draws() == expected
+    saved, loaded = state["optimizer"].state_dict(), fresh["optimizer"].state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for k, v in saved["state"].items():
+        assert all(torch.equal(v[key], loaded["state"][k][key]) for key in v)
+    assert fresh["scheduler"].last_epoch == state["scheduler"].last_epoch == 1
+
+
+class _Planted:
+    """A pickle that runs a shell command when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory) -> Path:
+    """A genuine checkpoint folder; tests copy it before planting anything."""
+    ckpt = tmp_path_factory.mktemp("saved") / "checkpoint_00000002"
+    ckpt.mkdir()
+    save_checkpoint(str(ckpt), step=2, name="ckpt", history=[], rank=0, **_training_state())
+    return ckpt
+
+
+@pytest.mark.parametrize("victim", ["train_state.pt", "rng_rank0.pt"])
+def test_resume_refuses_a_planted_pickle_without_running_it(tmp_path, saved_checkpoint, victim):
+    ckpt = Path(shutil.copytree(saved_checkpoint, tmp_path / saved_checkpoint.name))
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "payload": _Planted(marker)}, ckpt / victim)
+    with pytest.raises(ValueError, match=rf"^checkpoint file {victim} needs \w+\.system to "
+                       r"load, which could run code, .* start a fresh run name"):
+        load_checkpoint(str(ckpt), rank=0, **_training_state())
+    assert not marker.exists(), "resuming ran the checkpoint's code"
+    torch.load(ckpt / victim, weights_only=False)  # the payload is live: plain unpickling runs it
+    assert marker.exists()
+
+
+def test_resume_refuses_an_older_rng_file_with_numpy_arrays(tmp_path, saved_checkpoint):
+    ckpt = Path(shutil.copytree(saved_checkpoint, tmp_path / saved_checkpoint.name))
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate()}, ckpt / "rng_rank0.pt")  # the format before
+    with pytest.raises(ValueError, match="rng_rank0.pt needs .* start a fresh run name"):
+        load_checkpoint(str(ckpt), rank=0, **_training_state())

@@ -9,9 +9,9 @@
 //   y_tile = A^T [ (G g G^T) (.) (B^T d B) ] A,
 // and the elementwise product summed over input channels is, for each of the 16 positions of
 // the 4x4 transformed tile, one matrix product (T x C) @ (C x C_out). The matrix products and the
-// filter transform run as PyTorch ops (model/conv.py), so autograd differentiates them; these
-// kernels are the data transforms, each with its adjoint (the transposed linear map), which is
-// its backward:
+// filter transform run as PyTorch ops (model/cpu_training.py), so autograd differentiates them;
+// these kernels are the data transforms, each with its adjoint (the transposed linear map),
+// which is its backward:
 //   input:   x (B, C, H, W) channels_last -> V (16, T, C),  V[4k+l] = (B^T d B)[k][l]
 //   output:  M (16, T, C_out) -> y (B, C_out, H, W) channels_last,  y_tile = A^T M A
 // 2.25x fewer multiplications than the direct convolution; the transforms only add and subtract.
@@ -324,13 +324,6 @@ at::Tensor winograd_f23_output_backward_cpu(const at::Tensor& grad_y) {
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(panoray, m) {
-  m.def("winograd_f23_input(Tensor x) -> Tensor");
-  m.def("winograd_f23_input_backward(Tensor grad_v, int[] size) -> Tensor");
-  m.def("winograd_f23_output(Tensor m, int[] size) -> Tensor");
-  m.def("winograd_f23_output_backward(Tensor grad_y) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(panoray, CPU, m) {
   m.impl("winograd_f23_input", &winograd_f23_input_cpu);

@@ -3,12 +3,13 @@
 //
 // For each of R masks, read the (h, w) logit map bilinearly at K candidate points (zero padding,
 // align_corners=False: pixel coordinate x * w - 0.5, the semantics of F.grid_sample and of the
-// op's shared sampling header, whose bilinear_point reads the points near the borders) and return the k candidates whose |logit| is smallest, i.e. whose -|logit|
-// uncertainty is highest, in candidate order. The Python path (grid_sample, top-k, gather) reads
-// the same values and keeps the same set; this one builds no (R, K) uncertainty or index
-// tensors, reads eight candidates at a time (AVX2 gathers, picked at run time) and selects by
-// radix instead of a heap. A NaN logit counts as the most uncertain, as torch.topk ranks NaN
-// above every number. Ties at the k-th value go to the earliest candidates.
+// op's shared sampling header, whose bilinear_point reads the points near the borders) and
+// return the k candidates whose |logit| is smallest, i.e. whose -|logit| uncertainty is highest,
+// in candidate order. The Python path (grid_sample, top-k, gather) reads the same values and
+// keeps the same set; this one builds no (R, K) uncertainty or index tensors, reads eight
+// candidates at a time (AVX2 gathers, picked at run time) and selects by radix instead of a
+// heap. A NaN logit counts as the most uncertain, as torch.topk ranks NaN above every number.
+// Ties at the k-th value go to the earliest candidates.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -84,9 +85,9 @@ uint32_t kth_smallest(const uint32_t* keys, int64_t n, int64_t k, int64_t* ties,
 }
 
 // Scores of K candidates on one map: order_key of the bilinear read at each. `padded` is the map
-// with a ring of zeros, (h + 2) x (w + 2) (the caller zeroes it once; only the inside is written): the four corners of any point inside the map's
-// extent (give or take half a pixel) lie in it, so the loop needs no bounds tests; other points
-// take read_bilinear.
+// with a ring of zeros, (h + 2) x (w + 2) (the caller zeroes it once; only the inside is
+// written): the four corners of any point inside the map's extent (give or take half a pixel)
+// lie in it, so the loop needs no bounds tests; other points take read_bilinear.
 PANORAY_ALWAYS_INLINE void score_loop(const float* map, const float* padded, int64_t h, int64_t w,
                                       const float* cand, int64_t K, uint32_t* keys) {
   const int64_t pw = w + 2;
@@ -233,10 +234,6 @@ at::Tensor most_uncertain_points_cpu(const at::Tensor& logits, const at::Tensor&
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(panoray, m) {
-  m.def("most_uncertain_points(Tensor logits, Tensor candidates, int k) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(panoray, CPU, m) {
   m.impl("most_uncertain_points", &most_uncertain_points_cpu);

@@ -214,13 +214,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_nhwc_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(panoray, m) {
-  m.def("group_norm_nhwc(Tensor x, Tensor weight, Tensor bias, int groups, float eps) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("group_norm_nhwc_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, "
-        "Tensor weight, int groups) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(panoray, CPU, m) {
   m.impl("group_norm_nhwc", &group_norm_nhwc_cpu);
   m.impl("group_norm_nhwc_backward", &group_norm_nhwc_backward_cpu);
