@@ -45,6 +45,16 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (``~`` expanded); other URIs unchanged. Ray workers do not
+    share the driver's working directory, so every local path is made absolute before it
+    travels to them."""
+    if is_remote(uri):
+        return uri
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def get_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for any fsspec URI, with the S3 endpoint override applied."""
     clean, _ = split_endpoint(uri)

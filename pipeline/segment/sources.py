@@ -48,8 +48,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from model.storage import (
+    absolute,
     filesystem_for,
-    is_remote,
     join,
     shown_uri,
     split_endpoint,
@@ -81,7 +81,7 @@ def list_shards(
     """
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard must be at least 1, got {files_per_shard}")
-    src_uri = _absolute(src_uri)
+    src_uri = absolute(src_uri)
     fs, root = filesystem_for(src_uri)
     with storage_errors(src_uri):
         if fs.isfile(root):
@@ -251,13 +251,5 @@ def _version(info: dict) -> str:
         if info.get(key):
             return f"{info.get('size')}-{info[key]}"
     return str(info.get("size"))
-
-
-def _absolute(uri: str) -> str:
-    if is_remote(uri):
-        return uri
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    # Ray workers need not share the driver's working directory.
-    return os.path.abspath(os.path.expanduser(path))
 
 

@@ -33,7 +33,14 @@ from typing import Any
 
 from model.config import PRESETS, Category, Mask2FormerConfig
 from model.criterion import LossConfig
-from model.storage import get_filesystem, is_remote, join, pyarrow_filesystem, redact
+from model.storage import (
+    absolute,
+    get_filesystem,
+    is_remote,
+    join,
+    pyarrow_filesystem,
+    redact,
+)
 from pipeline.params import FinetuneParams, as_kwargs, with_params
 from pipeline.train.data import LSJConfig, load_split, train_dataset
 from pipeline.train.loop import STATE_JSON, LoopConfig, train_loop_per_worker
@@ -64,6 +71,10 @@ def run_finetune(p: FinetuneParams, *, cpus_per_worker: float | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train workers run elsewhere (another cwd, another node): local paths go absolute.
+    p = dataclasses.replace(p, train=absolute(p.train), storage=absolute(p.storage),
+                            val=absolute(p.val) if p.val else None,
+                            model=absolute(p.model) if _is_path(p.model) else p.model)
     loss = loss or LossConfig()
     if p.num_points is not None:
         loss = dataclasses.replace(loss, num_points=p.num_points)
@@ -130,6 +141,11 @@ def _default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
         raise ValueError(f"a cluster of {total:g} CPUs cannot hold {num_workers} training "
                          "workers and the data tasks; use fewer workers or a bigger cluster")
     return min(1.0, share)
+
+
+def _is_path(model: str) -> bool:
+    """A local bundle folder rather than a preset name or a remote URI."""
+    return not is_remote(model) and model not in PRESETS
 
 
 def _ray_storage(storage: str):

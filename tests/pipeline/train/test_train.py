@@ -140,7 +140,8 @@ KILLABLE_RUN = textwrap.dedent("""
 """)
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(ray_local, synth_local, tmp_path):
+def test_a_killed_run_resumes_from_its_last_checkpoint(ray_local, synth_local, tmp_path,
+                                                       monkeypatch):
     storage = str(tmp_path / "runs")
     run_uri = f"{storage}/killed"
     address = ray_local.get_runtime_context().gcs_address
@@ -163,8 +164,15 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_local, synth_local, t
     killed_at = latest_step(run_uri)
     assert 2 <= killed_at < 6
 
-    result = run_finetune(train=f"{synth_local}/train", storage=storage, name="killed", steps=6,
-                          batch_size=1, num_workers=1, checkpoint_every=2, **SMALL)
+    # The resume as a user types it, with relative paths: Ray Train's workers run in another
+    # working directory, so the job must make them absolute (val is read there at the end).
+    monkeypatch.chdir(tmp_path)
+    data = os.path.relpath(synth_local, tmp_path)
+    result = run_finetune(train=f"{data}/train", val=f"{data}/val", storage="runs",
+                          name="killed", steps=6, batch_size=1, num_workers=1,
+                          checkpoint_every=2, **SMALL)
+    assert result["final_bundle"] == f"{storage}/killed/final"
+    assert "pq" in result["metrics"]
     assert result["start_step"] == killed_at
     assert result["step"] == 6
     steps = [h["step"] for h in result["history"]]
