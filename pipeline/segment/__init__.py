@@ -7,6 +7,16 @@
 ``from pipeline.segment import run_segment`` is the Python door to the job (DESIGN contract).
 """
 
-from pipeline.segment.job import SegmentSummary, run_segment
+from __future__ import annotations
 
 __all__ = ["SegmentSummary", "run_segment"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that a worker importing one stage (decode, commits...) does not load Ray Data
+    # and torch with the job.
+    if name in __all__:
+        from pipeline.segment import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module 'pipeline.segment' has no attribute {name!r}")

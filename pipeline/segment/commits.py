@@ -212,6 +212,15 @@ class OutputStore:
         return removed
 
 
+def commit_shard_parts(dst: str, shard_id: str, parts: list[str], expected: int,
+                       schema: pa.Schema) -> dict[str, int]:
+    """The one commit of a complete shard (run as a task on a worker): its parts -> its file
+    in DST/data. Returns its ok / failed image counts."""
+    table = OutputStore(dst).commit_parts(shard_id, parts, expected=expected, schema=schema)
+    status = table.column("status").to_pylist()
+    return {"ok": status.count("ok"), "failed": len(status) - status.count("ok")}
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

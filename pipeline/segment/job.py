@@ -1,12 +1,16 @@
 """The segment job on Ray Data: image shards at SRC -> one Parquet row per image at DST.
 
     list shards -> skip committed -> read (tasks) -> decode (tasks) -> predict (actor pool)
-                -> encode (tasks) -> driver: assemble each shard, commit it atomically
+      -> encode + stage parts (tasks: rows go straight to storage) -> driver: shard names and
+      ordinals only -> one authorised commit per complete shard (a task: parts -> shard file)
 
-Exactly once: a shard's rows land in one file named after the shard, written in one atomic
-step (see :mod:`pipeline.segment.commits`), so kills and re-runs never duplicate or lose an
-input, and a later run over the same SRC does only the shards it has not done. One job at a time
-per DST (a heartbeat lock). The Ray calls of the job live in this module.
+The driver never sees a row: it deals in shard names, part names and counts, so its CPU and
+memory do not grow with the number or size of images. Exactly once: a shard's rows land in
+one file named after the shard, written in one atomic step by the one commit the driver
+authorises once every image of the shard is in some part (see :mod:`pipeline.segment.commits`),
+so kills and re-runs never duplicate or lose an input, and a later run over the same SRC does
+only the shards it has not done. One job at a time per DST (a heartbeat lock). The Ray calls of
+the job live in this module.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import dataclasses
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
@@ -24,9 +27,16 @@ from ray.data import ActorPoolStrategy, DataContext
 from model.bundle import read_bundle_config
 from model.storage import redact
 from pipeline.params import SegmentParams, with_params
-from pipeline.segment.commits import OutputStore, WriterLock, shard_key
+from pipeline.segment.commits import (
+    OutputStore,
+    ShardProgress,
+    WriterLock,
+    commit_shard_parts,
+    shard_key,
+)
 from pipeline.segment.predictor import PanopticPredictor
-from pipeline.segment.rows import ShardAssembler, decode_stage, encode_stage, read_shard
+from pipeline.segment.rows import END, PredictStage, decode_stage, read_shard, stage_parts
+from pipeline.segment.schema import OUTPUT_SCHEMA
 from pipeline.segment.sources import list_shards
 
 log = logging.getLogger(__name__)
@@ -88,8 +98,17 @@ def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
     else:
         fit = int(max(cpus - 1, 0) // cpus_per_actor)
         free_cpu = cpus - 1
+    if gpus_per_actor > 0 and fit < 1:
+        raise ValueError(
+            f"each predictor actor asks for {gpus_per_actor:g} GPU, but the cluster has "
+            f"{gpus:g}; use --gpus-per-actor 0 to run on CPUs, or add GPU nodes")
     if num_actors is None:
         num_actors = max(1, fit)
+    if gpus_per_actor > 0 and num_actors > fit:
+        raise ValueError(
+            f"{num_actors} predictor actors x {gpus_per_actor:g} GPU need "
+            f"{num_actors * gpus_per_actor:g} GPUs, but the cluster has {gpus:g}; use at most "
+            f"{fit} actors")
     if gpus_per_actor == 0 and num_actors * cpus_per_actor > max(free_cpu, cpus_per_actor):
         raise ValueError(
             f"{num_actors} predictor actors x {cpus_per_actor} CPUs would take every CPU of the "
@@ -103,19 +122,19 @@ def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
 
 @with_params(SegmentParams)
 def run_segment(p: SegmentParams, *, progress: bool = True,
-                predictor: type[PanopticPredictor] | None = None) -> SegmentSummary:
+                predictor: type | None = None) -> SegmentSummary:
     """Segment every not-yet-committed shard under `src` into `dst`; see the module doc.
 
     Takes the fields of `pipeline.params.SegmentParams` as keywords (`run_segment(src=...,
     dst=..., model=..., batch_size=8)`), or a params object (`run_segment(params=p)`; keywords
     given beside it override its fields). `progress`: Ray Data's progress bars. `predictor`: the
-    class of the predictor actors; None is PanopticPredictor, and for now another must be a
-    subclass of it (built as PanopticPredictor(model, batch_size=, threads=), called on Ray
-    Data batches).
+    class of the predictor actors (default PanopticPredictor), any class that follows the
+    predictor contract: built once per actor as `predictor(model, **options)` (of batch_size and
+    threads, those its constructor takes), `predict(images)` -> [(id_map, segments_info)].
     """
     predictor = predictor or PanopticPredictor
-    if not (isinstance(predictor, type) and issubclass(predictor, PanopticPredictor)):
-        raise TypeError(f"predictor must be PanopticPredictor or a subclass of it, got "
+    if not (isinstance(predictor, type) and callable(getattr(predictor, "predict", None))):
+        raise TypeError(f"predictor must be a class with a predict(images) method, got "
                         f"{predictor!r}")
     started = time.time()
     summary = SegmentSummary(src=p.src, dst=p.dst)
@@ -124,6 +143,7 @@ def run_segment(p: SegmentParams, *, progress: bool = True,
         shards = list_shards(p.src, files_per_shard=p.files_per_shard,
                              image_column=p.image_column)
         store = OutputStore(p.dst)
+        store.clear_staging()  # parts of killed runs (we hold the lock: nobody else writes)
         done_keys = store.committed_keys()
         regrouped = RegroupedFiles(store, shards, done_keys)
         pending = [s for s in shards if shard_key(s.id) not in done_keys]
@@ -134,24 +154,19 @@ def run_segment(p: SegmentParams, *, progress: bool = True,
         log.info("%d shards at %s: %d already committed, %d to do", len(shards), redact(p.src),
                  summary.shards_skipped, len(pending))
         if pending:
-            bundle = read_bundle_config(p.model)  # config.json only: no weights in the driver
-            config, model_id = bundle.config, bundle.model_id
+            if predictor is PanopticPredictor:
+                read_bundle_config(p.model)  # config.json only: a bad bundle fails here, early
             _ensure_ray(p.address)
             res = plan_resources(num_actors=p.num_actors, gpus_per_actor=p.gpus_per_actor,
                                  cpus_per_actor=p.cpus_per_actor,
                                  threads_per_actor=p.threads_per_actor)
-            ds = _build_dataset(pending, model=p.model, model_id=model_id, config=config,
+            ds = _build_dataset(pending, model=p.model, dst=p.dst, run_id=lock.info.run_id,
                                 batch_size=p.batch_size, max_pixels=p.max_pixels, res=res,
                                 progress=progress, predictor=predictor)
-            _drain(ds, store=store, lock=lock, summary=summary, total=len(pending),
+            _drain(ds, dst=p.dst, lock=lock, summary=summary, total=len(pending),
                    on_commit=regrouped.after_commit)
     summary.seconds = time.time() - started
     return summary
-
-
-def _commit(store: OutputStore, shard_id: str, table, on_commit) -> None:
-    store.commit_shard(shard_id, table)
-    on_commit(shard_id)
 
 
 class RegroupedFiles:
@@ -196,8 +211,8 @@ def _ensure_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
-def _build_dataset(pending, *, model, model_id, config, batch_size, max_pixels, res, progress,
-                   predictor=PanopticPredictor):
+def _build_dataset(pending, *, model, dst, run_id, batch_size, max_pixels, res, progress,
+                   predictor):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     ds = ray.data.from_items([{"shard": dataclasses.asdict(s)} for s in pending],
@@ -212,48 +227,63 @@ def _build_dataset(pending, *, model, model_id, config, batch_size, max_pixels, 
     ds = ds.map_batches(decode_stage, batch_size=4, batch_format="numpy", num_cpus=0.5,
                         fn_kwargs={"max_pixels": max_pixels, "nice": nice})
     ds = ds.map_batches(
-        predictor,
-        fn_constructor_args=(model,),
-        fn_constructor_kwargs={"batch_size": batch_size, "threads": res.threads_per_actor},
+        PredictStage,
+        fn_constructor_args=(predictor, model,
+                             {"batch_size": batch_size, "threads": res.threads_per_actor}),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=res.num_actors, max_size=res.num_actors),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )
-    return ds.map_batches(encode_stage, batch_size=None, batch_format="numpy",
-                          fn_kwargs={"model_id": model_id, "nice": nice})
+    return ds.map_batches(stage_parts, batch_size=None, batch_format="numpy",
+                          fn_kwargs={"dst": dst, "run_id": run_id, "nice": nice})
 
 
-def _drain(ds, *, store: OutputStore, lock: WriterLock, summary: SegmentSummary,
-           total: int, on_commit) -> None:
-    assembler = ShardAssembler()
+# A commit is storage I/O: it takes no CPU reservation, so it never waits behind the pool.
+_commit_task = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=[OSError])(
+    commit_shard_parts)
+
+
+def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: int,
+           on_commit) -> None:
+    """Follow the metadata rows; authorise one commit per shard once all its images are in."""
+    progress = ShardProgress()
+    commits: dict[ray.ObjectRef, str] = {}
     t0 = time.time()
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="commit") as pool:
-        inflight: list[Future] = []
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = batch.to_pylist()
-            for shard_id, table in assembler.add_rows(rows):
+
+    def settle(refs) -> None:
+        for ref in refs:
+            shard_id = commits.pop(ref)
+            counts = ray.get(ref)  # raises if the commit failed after its retries
+            summary.images_ok += counts["ok"]
+            summary.images_failed += counts["failed"]
+            summary.shards_done += 1
+            on_commit(shard_id)
+            rate = (summary.images_ok + summary.images_failed) / max(time.time() - t0, 1e-9)
+            log.info("committed shard %s (%d/%d shards, %d images ok, %d failed, %.2f "
+                     "images/s)", shard_id, summary.shards_done, total, summary.images_ok,
+                     summary.images_failed, rate)
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            shard = row["shard"]
+            if row["kind"] == END:
+                progress.add_end(shard, row["end_count"])
+            else:
+                progress.add_part(shard, row["part"], row["ordinals"])
+                for example in row["examples"] or ():
+                    if len(summary.failed_examples) < 10:
+                        summary.failed_examples.append(example)
+            if progress.complete(shard):
                 lock.ensure_held()
-                inflight.append(pool.submit(_commit, store, shard_id, table, on_commit))
-                statuses = table.column("status").to_pylist()
-                ok = sum(s == "ok" for s in statuses)
-                summary.images_ok += ok
-                summary.images_failed += len(statuses) - ok
-                summary.shards_done += 1
-                for row in table.to_pylist():
-                    if row["status"] != "ok" and len(summary.failed_examples) < 10:
-                        summary.failed_examples.append(f"{row['image_uri']}: {row['error']}")
-                rate = (summary.images_ok + summary.images_failed) / (time.time() - t0)
-                log.info("committed shard %s (%d/%d shards, %d images ok, %d failed, %.2f "
-                         "images/s)", shard_id, summary.shards_done, total, summary.images_ok,
-                         summary.images_failed, rate)
-            # surface commit errors early
-            for f in [f for f in inflight if f.done()]:
-                f.result()
-                inflight.remove(f)
-        for f in inflight:
-            f.result()
-    if assembler.pending:
-        raise RuntimeError(f"{assembler.pending} shards did not receive all their rows; re-run "
+                parts, expected = progress.pop(shard)
+                ref = _commit_task.remote(dst, shard, parts, expected, OUTPUT_SCHEMA)
+                commits[ref] = shard
+        if commits:  # settle finished commits as we go: errors surface early
+            done, _ = ray.wait(list(commits), num_returns=len(commits), timeout=0)
+            settle(done)
+    settle(list(commits))
+    if progress.pending:
+        raise RuntimeError(f"{progress.pending} shards did not receive all their rows; re-run "
                            "the job: committed shards are kept and only these are redone")

@@ -17,7 +17,6 @@ flipped one pixel in ~250,000 on the COCO sample).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -62,7 +61,12 @@ def plan_batches(sizes: Sequence[Size], *, batch_size: int, divisibility: int) -
 
 
 class PanopticPredictor:
-    """Loads a model bundle once; `predict` / `__call__` segment one batch of images.
+    """Loads a model bundle once; `predict` segments a list of photos.
+
+    It follows the predictor contract every segment predictor follows (see DESIGN.md):
+    `cls(model_uri, **options)` builds it once per actor; `predict(images)` takes (H, W, 3)
+    uint8 RGB photos of any size and returns, per photo, (id_map (H, W) int32, segments_info).
+    The segment job wraps it (or a user's class) in `pipeline.segment.rows.PredictStage`.
 
     Args:
         bundle: a model bundle URI (local or object storage) — or pass `model` instead.
@@ -152,39 +156,6 @@ class PanopticPredictor:
             x[row, :, :h, :w] = pixels.to(self.device, non_blocking=True).permute(2, 0, 1)
         return x
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Ray Data batch in, batch out: rows with status "ok" and an `image` get segmented.
-
-        Reads columns image (the decoded photo at its original size, (height, width, 3) uint8:
-        `predict` resizes it) and status; adds `panoptic` (the id map at the photo's size as raw
-        int32 bytes, row-major (height, width)) and `segments` (segments_info as JSON), and
-        drops `image`. Bytes and strings keep the columns one Arrow type whatever mix of rows a
-        batch holds. Rows that are not "ok" pass through with empty results; a failure of the
-        model on a batch turns its rows into error rows instead of failing the job.
-        """
-        status = list(batch["status"])
-        images = batch.pop("image")
-        todo = [i for i, s in enumerate(status) if s == "ok"]
-        panoptic: list[Any] = [None] * len(status)
-        segments: list[Any] = [None] * len(status)
-        errors = list(batch.get("error", [None] * len(status)))
-        if todo:
-            try:
-                done = self.predict([images[i] for i in todo])
-            except (RuntimeError, ValueError) as e:  # e.g. CUDA OOM on a huge image
-                log.exception("model failed on a batch")
-                done = None
-                for i in todo:
-                    status[i], errors[i] = "error", f"model failed: {e}"
-            for i, (ids, info) in zip(todo, done or []):
-                panoptic[i] = np.ascontiguousarray(ids, dtype=np.int32).tobytes()
-                segments[i] = json.dumps(info)
-        batch["status"] = np.array(status, dtype=object)
-        batch["error"] = np.array(errors, dtype=object)
-        batch["panoptic"] = _object_array(panoptic)
-        batch["segments"] = _object_array(segments)
-        return batch
-
 
 def _photo_size(index: int, image: np.ndarray) -> Size:
     """(H, W) of a photo, which must be an (H, W, 3) uint8 RGB array."""
@@ -195,13 +166,6 @@ def _photo_size(index: int, image: np.ndarray) -> Size:
         raise ValueError(f"image {index} is {described}; pass (H, W, 3) uint8 RGB arrays, e.g. "
                          "np.asarray(PIL.Image.open(path).convert('RGB'))")
     return int(image.shape[0]), int(image.shape[1])
-
-
-def _object_array(values: list) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
 
 
 def default_threads() -> int:

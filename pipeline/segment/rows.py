@@ -1,15 +1,20 @@
-"""The row-level steps of the segment job, free of Ray so they can be tested alone.
+"""The row-level stages of the segment job, free of Ray so they can be tested alone.
 
-Rows flow read -> decode -> predict -> encode -> commit. Each input shard also sends one
-*end marker* row (``kind == "end"``) carrying the number of images it holds; the driver's
-:class:`ShardAssembler` commits a shard once its marker and that many distinct images have
-arrived, whatever order the rows come in. Rows are keyed by ``image_id``, so a row delivered
-twice (a retried task) is stored once.
+    read_shard -> decode_stage -> PredictStage (the actor pool) -> stage_parts
+
+Each input shard yields one row per image, numbered by its *ordinal* (0..n-1 in the shard's
+own order, the same on every retry), then one *end marker* row (``kind == "end"``) carrying n.
+Rows flow on through decoding and prediction; :func:`stage_parts` encodes the results, writes
+each shard's rows in the batch as one *part* under an attempt-unique name
+(``pipeline.segment.commits``), and hands on only small metadata rows (shard, part name,
+ordinals, counts): no image bytes travel to the coordinator.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import inspect
 import json
 import logging
 import os
@@ -19,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.segment.commits import OutputStore
 from pipeline.segment.decode import decode_batch
 from pipeline.segment.schema import OUTPUT_SCHEMA, encode_result
 from pipeline.segment.sources import Shard, iter_shard_records
@@ -26,7 +32,8 @@ from pipeline.segment.sources import Shard, iter_shard_records
 log = logging.getLogger(__name__)
 
 IMAGE, END = "image", "end"
-_PASS_THROUGH = ("image_id", "image_uri", "shard", "kind", "end_count")
+_PASS_THROUGH = ("image_id", "image_uri", "shard", "kind", "ordinal", "end_count")
+PART = "part"  # a metadata row of stage_parts: one part written
 
 
 _niced = False
@@ -56,18 +63,19 @@ def read_shard(row: dict[str, Any], *, nice: int = 0) -> Iterator[dict[str, Any]
     shard = Shard(**fields)
     count = 0
     for record in iter_shard_records(shard):
-        count += 1
         yield {
             "image_id": record["image_id"],
             "image_uri": record["image_uri"],
             "shard": shard.id,
             "kind": IMAGE,
+            "ordinal": count,
             "end_count": -1,
             "data": record.get("data") or b"",
             "error": record.get("error"),
         }
+        count += 1
     yield {"image_id": f"{shard.id}#end", "image_uri": shard.uri, "shard": shard.id, "kind": END,
-           "end_count": count, "data": b"", "error": None}
+           "ordinal": -1, "end_count": count, "data": b"", "error": None}
 
 
 def decode_stage(batch: dict[str, Any], *, max_pixels: int, nice: int = 0) -> dict[str, Any]:
@@ -89,31 +97,40 @@ def decode_stage(batch: dict[str, Any], *, max_pixels: int, nice: int = 0) -> di
     return {k: _as_array(v) for k, v in out.items()}
 
 
-def encode_stage(batch: dict[str, Any], *, model_id: str, nice: int = 0) -> dict[str, Any]:
-    """Predictions -> output columns (COCO panoptic PNG + segments_info) plus routing columns."""
+def encode_stage(batch: dict[str, Any], *, model_id: str | None = None,
+                 nice: int = 0) -> dict[str, Any]:
+    """Predictions -> output columns (COCO panoptic PNG + segments_info) plus routing columns.
+
+    `model_id`: what the rows name as their model; default the batch's `model_id` column (the
+    predictor stage's). A result the predictor got wrong (ids it does not describe) becomes an
+    error row."""
     yield_cpu(nice)
     n = len(batch["image_id"])
     now = dt.datetime.now(dt.timezone.utc)
-    pngs: list[bytes | None] = []
-    infos: list[list | None] = []
+    status = list(batch["status"])
+    errors = list(batch["error"])
+    pngs: list[bytes | None] = [None] * n
+    infos: list[list | None] = [None] * n
     for i in range(n):
-        if batch["status"][i] == "ok":
-            shape = (int(batch["height"][i]), int(batch["width"][i]))
-            id_map = np.frombuffer(batch["panoptic"][i], dtype=np.int32).reshape(shape)
-            png, segments = encode_result(id_map, json.loads(batch["segments"][i]))
-            pngs.append(png)
-            infos.append(segments)
-        else:
-            pngs.append(None)
-            infos.append(None)
-    ok = [s == "ok" for s in batch["status"]]
+        if status[i] != "ok":
+            continue
+        shape = (int(batch["height"][i]), int(batch["width"][i]))
+        dtype = batch["panoptic_dtype"][i] if "panoptic_dtype" in batch else "int32"
+        id_map = np.frombuffer(batch["panoptic"][i], dtype=dtype).reshape(shape)
+        try:
+            pngs[i], infos[i] = encode_result(id_map, json.loads(batch["segments"][i]))
+        except ValueError as e:  # a predictor's result that is not valid panoptic output
+            status[i], errors[i] = "error", f"the predictor's result is invalid: {e}"
+    ok = [s == "ok" for s in status]
+    if model_id is None:
+        model_id = str(batch["model_id"][0]) if n else ""
     out = {k: _as_array(batch[k]) for k in _PASS_THROUGH}
     out.update(
         width=_as_array([int(w) if o else None for w, o in zip(batch["width"], ok)]),
         height=_as_array([int(h) if o else None for h, o in zip(batch["height"], ok)]),
-        status=_as_array(batch["status"]),
+        status=_as_array(status),
         error=_as_array([None if o else (_message(e) or "failed")
-                         for e, o in zip(batch["error"], ok)]),
+                         for e, o in zip(errors, ok)]),
         panoptic_png=_as_array(pngs),
         segments_info=_as_array(infos),
         model_id=_as_array([model_id] * n),
@@ -133,42 +150,132 @@ def _as_array(values) -> np.ndarray:
     return out
 
 
-class ShardAssembler:
-    """Collects output rows in any order; hands back each shard once it is complete."""
+class PredictStage:
+    """The predictor pool's Ray Data callable around any predictor that follows the contract.
 
-    def __init__(self) -> None:
-        self._rows: dict[str, dict[str, dict]] = {}
-        self._expected: dict[str, int] = {}
+    Built once per actor: ``predictor_cls(model_uri, **options)``, with only the options its
+    constructor takes (``batch_size``, ``threads``...). Per batch it hands the decoded photos of
+    the rows whose status is "ok" to ``predict(images)`` and adds columns `panoptic` (the id
+    map at the photo's size, raw bytes in the narrowest integer dtype that holds its ids: 1
+    byte a pixel for the usual few hundred segments), `panoptic_dtype`, `segments` (JSON) and
+    `model_id`, and drops `image`. Other rows pass through; a batch the predictor fails on, or
+    answers wrongly (a count or a map size that does not fit), becomes error rows.
+    """
 
-    @property
-    def pending(self) -> int:
-        return len(self._rows.keys() | self._expected.keys())
+    def __init__(self, predictor_cls: type, model_uri: str, options: dict | None = None):
+        self.predictor = predictor_cls(model_uri, **_accepted(predictor_cls, options or {}))
+        self.model_id = getattr(self.predictor, "model_id", None) or \
+            f"{predictor_cls.__module__}.{predictor_cls.__qualname__}:{model_uri}"
 
-    def add_rows(self, rows: list[dict[str, Any]]) -> list[tuple[str, pa.Table]]:
-        """Add rows; returns (shard id, table of its rows) for every shard just completed."""
-        touched = set()
-        for row in rows:
-            shard = row["shard"]
-            touched.add(shard)
-            if row["kind"] == END:
-                self._expected[shard] = int(row["end_count"])
-            else:
-                self._rows.setdefault(shard, {})[row["image_id"]] = row
-        done = []
-        for shard in touched:
-            expected = self._expected.get(shard)
-            rows_in = self._rows.get(shard, {})
-            if expected is not None and len(rows_in) >= expected:
-                if len(rows_in) > expected:
-                    log.warning("shard %s: %d rows for %d images", shard, len(rows_in), expected)
-                done.append((shard, to_output_table(list(rows_in.values()))))
-                self._rows.pop(shard, None)
-                self._expected.pop(shard, None)
-        return done
+    @classmethod
+    def wrapping(cls, predictor: Any, model_id: str | None = None) -> PredictStage:
+        """A stage around an already built predictor (tests, notebooks)."""
+        stage = cls.__new__(cls)
+        stage.predictor = predictor
+        stage.model_id = model_id or getattr(predictor, "model_id", None) or \
+            type(predictor).__qualname__
+        return stage
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        status = list(batch["status"])
+        images = batch.pop("image")
+        n = len(status)
+        todo = [i for i, s in enumerate(status) if s == "ok"]
+        panoptic: list[Any] = [None] * n
+        dtypes: list[Any] = [None] * n
+        segments: list[Any] = [None] * n
+        errors = list(batch.get("error", [None] * n))
+        if todo:
+            try:
+                done = self.predictor.predict([images[i] for i in todo])
+                if len(done) != len(todo):
+                    raise ValueError(f"predict returned {len(done)} results for {len(todo)} "
+                                     "images")
+            except (RuntimeError, ValueError, TypeError) as e:  # e.g. CUDA OOM on a huge image
+                log.exception("the predictor failed on a batch")
+                done = []
+                for i in todo:
+                    status[i], errors[i] = "error", f"model failed: {e}"
+            for i, (ids, info) in zip(todo, done):
+                ids = np.asarray(ids)
+                if ids.shape != images[i].shape[:2] or not np.issubdtype(ids.dtype, np.integer):
+                    status[i], errors[i] = "error", (
+                        f"the predictor returned a {ids.dtype} map of shape {ids.shape} for a "
+                        f"photo of {images[i].shape[0]} x {images[i].shape[1]}")
+                    continue
+                narrow = _narrowest(ids)
+                panoptic[i] = np.ascontiguousarray(ids, dtype=narrow).tobytes()
+                dtypes[i] = np.dtype(narrow).name
+                segments[i] = json.dumps(info)
+        batch["status"] = _as_array(status)
+        batch["error"] = _as_array(errors)
+        batch["panoptic"] = _as_array(panoptic)
+        batch["panoptic_dtype"] = _as_array(dtypes)
+        batch["segments"] = _as_array(segments)
+        batch["model_id"] = _as_array([self.model_id] * n)
+        return batch
 
 
-def to_output_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows (any extra routing columns are dropped) -> a table with the output schema."""
-    rows = sorted(rows, key=lambda r: r["image_id"])
-    columns = {name: [r.get(name) for r in rows] for name in OUTPUT_SCHEMA.names}
-    return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
+def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """The options `cls`'s constructor takes (all of them if it takes **kwargs)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return options
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}
+
+
+def _narrowest(ids: np.ndarray) -> type:
+    if ids.size == 0:
+        return np.uint8
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        return np.int32
+    return np.uint8 if high < 2**8 else np.uint16 if high < 2**16 else np.int32
+
+
+def stage_parts(batch: dict[str, Any], *, dst: str, run_id: str, nice: int = 0,
+                max_examples: int = 3) -> dict[str, Any]:
+    """Encode a batch of predictions and write each shard's rows in it as one part.
+
+    Returns metadata rows only: per part written (``kind == "part"``) its shard, its path, the
+    ordinals it holds and its ok / failed counts with a few failure examples; per end marker
+    (``kind == "end"``) its shard and image count.
+    """
+    out = encode_stage(batch, nice=nice)
+    store = _output_store(dst)
+    meta: dict[str, list] = {k: [] for k in ("shard", "kind", "part", "ordinals", "end_count",
+                                             "ok", "failed", "examples")}
+
+    def add(shard, kind, part=None, ordinals=(), end_count=-1, ok=0, failed=0, examples=()):
+        for key, value in (("shard", shard), ("kind", kind), ("part", part),
+                           ("ordinals", list(ordinals)), ("end_count", end_count), ("ok", ok),
+                           ("failed", failed), ("examples", list(examples))):
+            meta[key].append(value)
+
+    by_shard: dict[str, list[int]] = {}
+    for i, shard in enumerate(out["shard"]):
+        by_shard.setdefault(shard, []).append(i)
+    for shard, rows in by_shard.items():
+        images = [i for i in rows if out["kind"][i] == IMAGE]
+        if images:
+            table = pa.Table.from_pydict(
+                {name: [out[name][i] for i in images] for name in OUTPUT_SCHEMA.names},
+                schema=OUTPUT_SCHEMA)
+            failed = [i for i in images if out["status"][i] != "ok"]
+            add(shard, PART, part=store.stage_part(run_id, shard, table),
+                ordinals=[int(out["ordinal"][i]) for i in images],
+                ok=len(images) - len(failed), failed=len(failed),
+                examples=[f"{out['image_uri'][i]}: {out['error'][i]}"
+                          for i in failed[:max_examples]])
+        for i in rows:
+            if out["kind"][i] == END:
+                add(shard, END, end_count=int(out["end_count"][i]))
+    return {k: _as_array(v) for k, v in meta.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _output_store(dst: str) -> OutputStore:
+    return OutputStore(dst)

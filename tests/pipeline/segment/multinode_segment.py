@@ -1,7 +1,9 @@
-"""Run by test_segment_failures: a segment job on a 3-node local cluster that loses a node.
+"""Run by test_segment_failures: a segment job on a 3-node local cluster that loses, mid-shard
+(right after the first part is staged), a worker node (MODE "node") or the predictor actor's
+process (MODE "actor", SIGKILL).
 
-Usage: python multinode_segment.py SRC DST BUNDLE REPORT. Writes what happened as JSON to REPORT
-(not stdout: the raylets of the killed node share this process's stdout and print to it).
+Usage: python multinode_segment.py SRC DST BUNDLE REPORT [MODE]. Writes what happened as JSON to
+REPORT (not stdout: the raylets of the killed node share this process's stdout and print to it).
 """
 
 from __future__ import annotations
@@ -18,28 +20,46 @@ from ray.cluster_utils import Cluster
 from pipeline.segment.job import run_segment
 
 
-def main(src: str, dst: str, bundle: str, report: str) -> None:
+def main(src: str, dst: str, bundle: str, report: str, mode: str = "node") -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     killed: dict = {}
 
-    def kill_a_node_after_first_commit() -> None:
-        data = Path(dst) / "data"
-        while not (data.exists() and any(data.glob("*.parquet"))):
-            time.sleep(0.1)
-        from ray.util.state import list_actors
+    def staged() -> bool:
+        try:  # parts come and go under our feet: a vanished folder is no part
+            return any(Path(dst, "_staging").rglob("*.parquet"))
+        except OSError:
+            return False
 
-        actor_nodes = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
-                       if "MapWorker" in (a.class_name or "")}
-        victim = next((w for w in workers if w.node_id in actor_nodes), workers[0])
-        killed["had_predictor"] = victim.node_id in actor_nodes
+    def kill_after_first_part() -> None:
+        try:
+            kill()
+        except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
+            killed["error"] = repr(e)
+
+    def kill() -> None:
+        import psutil
+
+        data = Path(dst) / "data"
+        while not staged():
+            time.sleep(0.02)
+        # The predictor actor's process, found by its title (no state API: it is slow here).
+        actor = next(p for p in psutil.process_iter(["cmdline"])
+                     if "MapWorker(MapBatches(PredictStage))" in " ".join(p.info["cmdline"] or ()))
         killed["committed_before"] = len(list(data.glob("*.parquet")))
-        cluster.remove_node(victim, allow_graceful=False)
+        if mode == "actor":
+            actor.kill()
+            killed["pid"] = actor.pid
+        else:  # the worker node whose raylet started the actor, else any worker node
+            raylets = {w: w.all_processes["raylet"][0].process.pid for w in workers}
+            victim = next((w for w, pid in raylets.items() if pid == actor.ppid()), workers[0])
+            killed["had_predictor"] = raylets[victim] == actor.ppid()
+            cluster.remove_node(victim, allow_graceful=False)
         killed["at"] = time.time()
 
-    threading.Thread(target=kill_a_node_after_first_commit, daemon=True).start()
+    threading.Thread(target=kill_after_first_part, daemon=True).start()
     summary = run_segment(src=src, dst=dst, model=bundle, files_per_shard=2, batch_size=2,
                           num_actors=1, threads_per_actor=1, progress=False)
     Path(report).write_text(json.dumps({
@@ -50,4 +70,4 @@ def main(src: str, dst: str, bundle: str, report: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

@@ -1,4 +1,5 @@
-"""PanopticPredictor works without Ray and batches mixed sizes without changing results."""
+"""PanopticPredictor works without Ray and batches mixed sizes without changing results;
+PredictStage runs any predictor that follows the contract on Ray Data batches."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from model.mask2former import build_model
 from model.postprocess import postprocess_batch
 from pipeline.segment.decode import decode_image
 from pipeline.segment.predictor import PanopticPredictor, plan_batches
+from pipeline.segment.rows import PredictStage
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +115,12 @@ def test_ray_data_batch_with_error_rows(predictor):
         "height": np.array([64, np.nan, 32]),
         "width": np.array([96, np.nan, 48]),
     }
-    out = predictor(batch)
+    out = PredictStage.wrapping(predictor)(batch)
     assert "image" not in out
     assert list(out["status"]) == ["ok", "error", "ok"]
-    ids0 = np.frombuffer(out["panoptic"][0], dtype=np.int32).reshape(64, 96)
-    ids2 = np.frombuffer(out["panoptic"][2], dtype=np.int32).reshape(32, 48)
+    assert out["panoptic_dtype"][0] == "uint8"  # a few segments: one byte a pixel
+    ids0 = np.frombuffer(out["panoptic"][0], dtype=out["panoptic_dtype"][0]).reshape(64, 96)
+    ids2 = np.frombuffer(out["panoptic"][2], dtype=out["panoptic_dtype"][2]).reshape(32, 48)
     assert {s["id"] for s in json.loads(out["segments"][2])} == set(np.unique(ids2)) - {0}
     alone_ids, alone_segments = predictor.predict([images[1]])[0]
     np.testing.assert_array_equal(ids2, alone_ids)  # the original-size photo, resized inside
