@@ -35,7 +35,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(BundleError)
     except ImportError:
         pass
-    return tuple(errors)
+    from pipeline.segment.predictor import PredictorError
+
+    return (*errors, PredictorError)
 
 
 def _add_param_flags(p: argparse.ArgumentParser, cls: type) -> None:

@@ -30,13 +30,14 @@ SIMPLE = (bool, int, float, str)
 
 def param(default: Any = MISSING, help: str = "", *, minimum: float | None = None,
           choices: tuple[str, ...] | None = None, positional: bool = False,
-          metavar: str | None = None) -> Any:
+          metavar: str | None = None, also: tuple[type, ...] = ()) -> Any:
     """One job parameter: its default (none given: required), a one-line help, an optional
-    lower bound or set of choices, and how the CLI shows it (a positional argument, a
-    metavar)."""
+    lower bound or set of choices, how the CLI shows it (a positional argument, a metavar),
+    and `also`: values of these types are accepted from Python (a class where the CLI and
+    specs name one as a string)."""
     return dataclasses.field(default=default, metadata={
         "help": help, "minimum": minimum, "choices": choices, "positional": positional,
-        "metavar": metavar})
+        "metavar": metavar, "also": also})
 
 
 @functools.cache
@@ -70,7 +71,8 @@ def check_params(obj: Any) -> None:
     for f in job_fields(obj):
         value = getattr(obj, f.name)
         tp, optional = hints[f.name]
-        if (value is None and optional) or tp not in SIMPLE:
+        if (value is None and optional) or tp not in SIMPLE or \
+                isinstance(value, f.metadata.get("also", ())):
             continue
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -154,6 +156,11 @@ class SegmentParams:
     stale_lock_s: float = param(300.0, "a writer lock without a heartbeat this long (seconds) "
                                 "is taken over", minimum=0)
     address: str | None = param(None, "Ray cluster address (default: a local Ray instance)")
+    predictor: str | None = param(None, "your own predictor class, as package.module:Class, "
+                                  "built once per actor as Class(MODEL, **options) with a "
+                                  "predict(images) method (see DESIGN.md); it must be "
+                                  "importable on every node (default: panoray's "
+                                  "PanopticPredictor)", metavar="CLASS", also=(type,))
 
     def __post_init__(self) -> None:
         check_params(self)

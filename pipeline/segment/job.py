@@ -34,7 +34,7 @@ from pipeline.segment.commits import (
     commit_shard_parts,
     shard_key,
 )
-from pipeline.segment.predictor import PanopticPredictor
+from pipeline.segment.predictor import PanopticPredictor, load_predictor
 from pipeline.segment.rows import END, PredictStage, decode_stage, read_shard, stage_parts
 from pipeline.segment.schema import OUTPUT_SCHEMA
 from pipeline.segment.sources import list_shards
@@ -121,18 +121,20 @@ def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
 
 
 @with_params(SegmentParams)
-def run_segment(p: SegmentParams, *, progress: bool = True,
-                predictor: type | None = None) -> SegmentSummary:
+def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
     """Segment every not-yet-committed shard under `src` into `dst`; see the module doc.
 
     Takes the fields of `pipeline.params.SegmentParams` as keywords (`run_segment(src=...,
     dst=..., model=..., batch_size=8)`), or a params object (`run_segment(params=p)`; keywords
     given beside it override its fields). `progress`: Ray Data's progress bars. `predictor`: the
-    class of the predictor actors (default PanopticPredictor), any class that follows the
-    predictor contract: built once per actor as `predictor(model, **options)` (of batch_size and
-    threads, those its constructor takes), `predict(images)` -> [(id_map, segments_info)].
+    class of the predictor actors, or its "package.module:Class" name (default
+    PanopticPredictor): any class that follows the predictor contract, built once per actor as
+    `predictor(model, **options)` (of batch_size and threads, those its constructor takes),
+    `predict(images)` -> [(id_map, segments_info)].
     """
-    predictor = predictor or PanopticPredictor
+    predictor = p.predictor or PanopticPredictor
+    if isinstance(predictor, str):
+        predictor = load_predictor(predictor)
     if not (isinstance(predictor, type) and callable(getattr(predictor, "predict", None))):
         raise TypeError(f"predictor must be a class with a predict(images) method, got "
                         f"{predictor!r}")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
 from bad_inputs import EXIF_UPRIGHT_SIZE, make_bad_inputs
 from segment_helpers import image_bytes, read_output, tar_shard, tiny_bundle, write_images
@@ -179,3 +183,42 @@ def test_io_workers_lower_their_priority_once():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[3])
     assert out.stdout.strip() == "3"
+
+
+def test_cli_runs_a_users_own_predictor_class(tmp_path):
+    from pipeline.coco.panoptic_io import decode_panoptic_png
+
+    src, dst = tmp_path / "in", tmp_path / "out"
+    write_images(src, ["a.jpg", "b.png"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "jobs.cli", "segment", str(src), str(dst), "--model",
+           "any-uri-my-predictor-understands", "--predictor", "standin_predictor:Halves",
+           "--no-progress"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_output(str(dst)).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for row in rows:
+        ids = decode_panoptic_png(row["panoptic_png"])
+        assert ids.shape == (row["height"], row["width"])
+        assert set(np.unique(ids)) == {1, 2}
+        assert [(s["id"], s["category_id"], s["isthing"]) for s in row["segments_info"]] == [
+            (1, 7, False), (2, 3, True)]
+        assert row["model_id"] == "halves@v1"
+
+
+@pytest.mark.parametrize("spec, says", [("nocolon", "not package.module:Class"),
+                                        ("no_such_module_xyz:C", "cannot import"),
+                                        ("standin_predictor:Missing", "has no class Missing")])
+def test_a_bad_predictor_name_is_one_sentence(tmp_path, spec, says):
+    src = tmp_path / "in"
+    write_images(src, ["a.jpg"])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    run = subprocess.run([sys.executable, "-m", "jobs.cli", "segment", str(src),
+                          str(tmp_path / "out"), "--model", "m", "--predictor", spec],
+                         env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert says in run.stderr and "Traceback" not in run.stderr
