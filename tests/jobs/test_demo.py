@@ -42,4 +42,29 @@ def test_demo_writes_archive_output_pq_and_overlays(tmp_path, ray_local, capsys)
 def test_shipped_demo_model_covers_the_synthetic_label_space():
     net = load_bundle(str(SHIPPED_MODEL))
     assert {c.id for c in net.config.categories} == {c["id"] for c in SYNTH_CATEGORIES}
-    assert (SHIPPED_MODEL / "README.md").read_text().count("run_finetune") >= 1
+    assert "panoray finetune --spec" in (SHIPPED_MODEL / "README.md").read_text()
+
+
+def test_the_shipped_bundle_is_small_package_data_made_by_its_recorded_recipe():
+    import tomllib
+    from safetensors import safe_open
+
+    from jobs.demo import RECIPE, SHIPPED_MODEL
+    from jobs.spec import load_spec
+    from model.bundle import read_bundle_config
+
+    weights = SHIPPED_MODEL / "model.safetensors"
+    assert weights.stat().st_size <= 25 * 2**20
+    recipe = load_spec(RECIPE)
+    assert recipe.kind == "finetune"
+    info = read_bundle_config(str(SHIPPED_MODEL))
+    assert info.name == recipe.args.name  # the final bundle of that run, copied unchanged
+    with safe_open(str(weights), "pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert "F16" in dtypes and "F32" not in dtypes  # recipe.bundle_dtype: float16
+    assert recipe.args.bundle_dtype == "float16"
+    pyproject = tomllib.loads((SHIPPED_MODEL.parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["jobs"]
+    shipped = {p.name for p in SHIPPED_MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "finetune.yaml"} <= shipped
+    assert all(any(Path("demo_model", name).match(g) for g in globs) for name in shipped)
