@@ -221,6 +221,14 @@ def commit_shard_parts(dst: str, shard_id: str, parts: list[str], expected: int,
     return {"ok": status.count("ok"), "failed": len(status) - status.count("ok")}
 
 
+class Committer:
+    """Commits shards from their parts; the job runs a few as long-lived actors."""
+
+    def commit(self, dst: str, shard_id: str, parts: list[str], expected: int,
+               schema: pa.Schema) -> dict[str, int]:
+        return commit_shard_parts(dst, shard_id, parts, expected, schema)
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

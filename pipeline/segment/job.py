@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -28,10 +29,10 @@ from model.bundle import read_bundle_config
 from model.storage import redact
 from pipeline.params import SegmentParams, with_params
 from pipeline.segment.commits import (
+    Committer,
     OutputStore,
     ShardProgress,
     WriterLock,
-    commit_shard_parts,
     shard_key,
 )
 from pipeline.segment.predictor import PanopticPredictor, load_predictor
@@ -71,6 +72,7 @@ class SegmentSummary:
 
 
 IO_NICE = 10  # priority drop of read / decode / encode tasks beside CPU-only predictors
+ROWS_PER_CALL = 16  # rows per decode task and per predictor-actor call
 
 
 @dataclass
@@ -142,12 +144,20 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
     summary = SegmentSummary(src=p.src, dst=p.dst)
     with WriterLock(p.dst, stale_after_s=p.stale_lock_s,
                     heartbeat_s=min(30.0, p.stale_lock_s / 4)) as lock:
-        shards = list_shards(p.src, files_per_shard=p.files_per_shard,
-                             image_column=p.image_column)
         store = OutputStore(p.dst)
         store.clear_staging()  # parts of killed runs (we hold the lock: nobody else writes)
-        done_keys = store.committed_keys()
-        regrouped = RegroupedFiles(store, shards, done_keys)
+        done_keys = store.committed_keys()  # one listing of DST/data; nothing is read
+        # The listing of SRC streams in a thread; Ray starts as soon as one shard is known to
+        # be due, while the rest of a big archive is still being listed. The job itself starts
+        # from the whole listing, as before.
+        listing = _Listing(p, store, done_keys)
+        try:
+            ready = p.limit_shards != 0 and listing.wait_first_pending()
+            if ready:
+                _prepare_run(p, predictor)
+            shards, regrouped = listing.result()
+        finally:
+            listing.stop()
         pending = [s for s in shards if shard_key(s.id) not in done_keys]
         summary.shards_total = len(shards)
         summary.shards_skipped = len(shards) - len(pending)
@@ -156,9 +166,8 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
         log.info("%d shards at %s: %d already committed, %d to do", len(shards), redact(p.src),
                  summary.shards_skipped, len(pending))
         if pending:
-            if predictor is PanopticPredictor:
-                read_bundle_config(p.model)  # config.json only: a bad bundle fails here, early
-            _ensure_ray(p.address)
+            if not ready:
+                _prepare_run(p, predictor)
             res = plan_resources(num_actors=p.num_actors, gpus_per_actor=p.gpus_per_actor,
                                  cpus_per_actor=p.cpus_per_actor,
                                  threads_per_actor=p.threads_per_actor)
@@ -169,6 +178,67 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
                    on_commit=regrouped.after_commit)
     summary.seconds = time.time() - started
     return summary
+
+
+def _prepare_run(p: SegmentParams, predictor: type) -> None:
+    if predictor is PanopticPredictor:
+        read_bundle_config(p.model)  # config.json only: a bad bundle fails here, early
+    _ensure_ray(p.address)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Listing:
+    """Lists the shards at SRC in a thread and notes when the first one not committed in
+    DST shows up (a set lookup per shard: committed files are never read); then builds the
+    :class:`RegroupedFiles` of the whole listing, still in the thread."""
+
+    def __init__(self, p: SegmentParams, store: OutputStore, done_keys: set[str]):
+        self._done_keys = done_keys
+        self._found = threading.Event()  # the first pending shard, or the end of the listing
+        self._any_pending = False
+        self._stopping = False
+        self._result: tuple[list, RegroupedFiles] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(p, store), daemon=True,
+                                        name="panoray-listing")
+        self._thread.start()
+
+    def _on_shard(self, shard) -> None:
+        if self._stopping:
+            raise _Stopped
+        if not self._any_pending and shard_key(shard.id) not in self._done_keys:
+            self._any_pending = True
+            self._found.set()
+
+    def _run(self, p: SegmentParams, store: OutputStore) -> None:
+        try:
+            shards = list_shards(p.src, files_per_shard=p.files_per_shard,
+                                 image_column=p.image_column, on_shard=self._on_shard)
+            self._result = shards, RegroupedFiles(store, shards, self._done_keys)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+            self._error = e
+        finally:
+            self._found.set()
+
+    def wait_first_pending(self) -> bool:
+        """Waits until a shard not yet committed is listed (True) or the listing ends."""
+        self._found.wait()
+        return self._any_pending
+
+    def result(self) -> tuple[list, RegroupedFiles]:
+        """Every shard (sorted by id) and the RegroupedFiles; raises what the listing raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join()
 
 
 class RegroupedFiles:
@@ -224,15 +294,16 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, max_pixels, res, 
     ds = ds.flat_map(read_shard, fn_kwargs={"nice": nice})
     # Decoding gets its own CPU tasks (fractional CPUs keep it from being fused into the
     # predictor actors, where it would stall the model).
-    # Small batches keep rows moving: a shard commits as soon as its last row is through.
     # Photos travel at their original size: the predictor owns the test-time resize.
-    ds = ds.map_batches(decode_stage, batch_size=4, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"max_pixels": max_pixels, "nice": nice})
+    # ROWS_PER_CALL rows per task and per actor call (the predictor makes its own forward
+    # batches of batch_size): every task costs the driver's scheduler CPU, whatever its size.
+    ds = ds.map_batches(decode_stage, batch_size=ROWS_PER_CALL, batch_format="numpy",
+                        num_cpus=0.5, fn_kwargs={"max_pixels": max_pixels, "nice": nice})
     ds = ds.map_batches(
         PredictStage,
         fn_constructor_args=(predictor, model,
                              {"batch_size": batch_size, "threads": res.threads_per_actor}),
-        batch_size=batch_size,
+        batch_size=max(batch_size, ROWS_PER_CALL),
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=res.num_actors, max_size=res.num_actors),
         num_gpus=res.gpus_per_actor,
@@ -242,9 +313,11 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, max_pixels, res, 
                           fn_kwargs={"dst": dst, "run_id": run_id, "nice": nice})
 
 
-# A commit is storage I/O: it takes no CPU reservation, so it never waits behind the pool.
-_commit_task = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=[OSError])(
-    commit_shard_parts)
+# Commits run on a few long-lived actors (a task per commit kept starting fresh workers, each
+# importing the storage stack again). A commit is storage I/O: no CPU reservation, so it never
+# waits behind the predictor pool; a lost committer is restarted and its commit retried.
+_Committer = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(Committer)
+COMMITTERS = 2
 
 
 def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: int,
@@ -252,6 +325,7 @@ def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: in
     """Follow the metadata rows; authorise one commit per shard once all its images are in."""
     progress = ShardProgress()
     commits: dict[ray.ObjectRef, str] = {}
+    committers = [_Committer.remote() for _ in range(COMMITTERS)]
     t0 = time.time()
 
     def settle(refs) -> None:
@@ -280,8 +354,9 @@ def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: in
             if progress.complete(shard):
                 lock.ensure_held()
                 parts, expected = progress.pop(shard)
-                ref = _commit_task.remote(dst, shard, parts, expected, OUTPUT_SCHEMA)
-                commits[ref] = shard
+                committer = committers[len(commits) % len(committers)]
+                commits[committer.commit.remote(dst, shard, parts, expected,
+                                                OUTPUT_SCHEMA)] = shard
         if commits:  # settle finished commits as we go: errors surface early
             done, _ = ray.wait(list(commits), num_returns=len(commits), timeout=0)
             settle(done)

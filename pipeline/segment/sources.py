@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -71,6 +71,7 @@ def list_shards(
     files_per_shard: int = DEFAULT_FILES_PER_SHARD,
     image_column: str | None = None,
     id_column: str | None = None,
+    on_shard: Callable[[Shard], object] | None = None,
 ) -> list[Shard]:
     """Every shard at ``src_uri`` (a folder / prefix, or one tar, Parquet or image file), by id.
 
@@ -78,6 +79,12 @@ def list_shards(
     image column fails here, not in every task). Raises FileNotFoundError when nothing is at the
     URI, ValueError when nothing there is an image input or the scheme is unknown,
     PermissionError when storage refuses access.
+
+    The listing streams: ``on_shard``, when given, is called with each shard as soon as it is
+    known (in listing order, before the sort and the checks), so a caller can start work on the
+    first shards while the rest of a big archive is still being listed. A local folder is walked
+    with ``os.scandir`` in sorted order (only image, tar and Parquet files are stat-ed); other
+    stores are listed with one recursive ``find``.
     """
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard must be at least 1, got {files_per_shard}")
@@ -85,28 +92,32 @@ def list_shards(
     fs, root = filesystem_for(src_uri)
     with storage_errors(src_uri):
         if fs.isfile(root):
-            return _single_file_shard(fs, root, src_uri, image_column, id_column)
+            shards = _single_file_shard(fs, root, src_uri, image_column, id_column)
+            for shard in shards if on_shard else ():
+                on_shard(shard)
+            return shards
         if not fs.isdir(root):
             raise FileNotFoundError(
                 f"nothing found at {shown_uri(src_uri)}; check the path (and bucket name)"
             )
-        listing = fs.find(root, detail=True)
-    root = root.rstrip("/")
-    shards: list[Shard] = []
-    loose: dict[str, dict] = {}
-    for path, info in listing.items():
-        rel = path[len(root) :].lstrip("/") if path.startswith(root + "/") else None
-        if not rel or info.get("type") == "directory" or _hidden(rel):
-            continue
-        kind = _kind_of(rel)
-        if kind == "files":
-            loose[rel] = info
-        elif kind is not None:
-            shards.append(
-                Shard(id=rel, uri=join(src_uri, rel), kind=kind, size=int(info.get("size") or 0),
-                      version=_version(info), image_column=image_column, id_column=id_column)
-            )
-    shards.extend(_group_files(loose, src_uri=src_uri, files_per_shard=files_per_shard))
+        shards = []
+        grouper = _FileGrouper(src_uri, files_per_shard)
+        for rel, info, kind in _listing(fs, root):
+            if kind == "files":
+                shard = grouper.add(rel, info)
+            else:
+                shard = Shard(id=rel, uri=join(src_uri, rel), kind=kind,
+                              size=int(info.get("size") or 0), version=_version(info),
+                              image_column=image_column, id_column=id_column)
+            if shard is not None:
+                shards.append(shard)
+                if on_shard:
+                    on_shard(shard)
+        last = grouper.close()
+        if last is not None:
+            shards.append(last)
+            if on_shard:
+                on_shard(last)
     if not shards:
         raise ValueError(
             f"no images found at {shown_uri(src_uri)}: expected .tar or .parquet shards or image "
@@ -167,25 +178,111 @@ def _group_files(
     infos: dict[str, dict], *, src_uri: str, files_per_shard: int
 ) -> list[Shard]:
     """Content-defined chunking of loose files by name (see the module docstring)."""
-    groups: list[list[str]] = []
-    for rel in sorted(infos):
-        if not groups or _is_boundary(rel, files_per_shard):
-            groups.append([])
-        groups[-1].append(rel)
-    shards = []
-    for members in groups:
+    grouper = _FileGrouper(src_uri, files_per_shard)
+    shards = [s for s in (grouper.add(rel, infos[rel]) for rel in sorted(infos)) if s]
+    last = grouper.close()
+    return shards + [last] if last else shards
+
+
+class _FileGrouper:
+    """:func:`_group_files`, streamed: feed loose files in sorted order of relative path; each
+    shard comes out as soon as the file after its last member (a boundary) is seen."""
+
+    def __init__(self, src_uri: str, files_per_shard: int):
+        self.src_uri, self.files_per_shard = src_uri, files_per_shard
+        self.members: list[str] = []
+        self.infos: list[dict] = []
+
+    def add(self, rel: str, info: dict) -> Shard | None:
+        """Adds one file; returns the shard it closes, if it starts a new one."""
+        if self.members and rel <= self.members[-1]:
+            raise AssertionError(f"loose files out of order: {rel!r} after "
+                                 f"{self.members[-1]!r}")
+        done = self.close() if self.members and _is_boundary(rel, self.files_per_shard) else None
+        self.members.append(rel)
+        self.infos.append(info)
+        return done
+
+    def close(self) -> Shard | None:
+        """The shard of the files added since the last boundary (None if there are none)."""
+        members, infos = self.members, self.infos
+        if not members:
+            return None
+        self.members, self.infos = [], []
         names = "\n".join(members).encode()
         digest = hashlib.blake2b(names, digest_size=6).hexdigest()
-        folder = os.path.commonpath([os.path.dirname(m) or "." for m in members])
+        # Members are sorted: every one lies between the first and the last, so it shares
+        # whatever leading folders those two share.
+        folder = os.path.commonpath([os.path.dirname(m) or "." for m in (members[0], members[-1])])
         prefix = "" if folder in ("", ".") else folder + "/"
-        versions = "\n".join(f"{m}\t{infos[m].get('size')}\t{_version(infos[m])}" for m in members)
-        shards.append(
-            Shard(id=f"{prefix}files-{digest}", uri=src_uri, kind="files",
-                  size=sum(int(infos[m].get("size") or 0) for m in members),
-                  version=hashlib.blake2b(versions.encode(), digest_size=8).hexdigest(),
-                  members=tuple(members))
-        )
-    return shards
+        versions = "\n".join(f"{m}\t{i.get('size')}\t{_version(i)}"
+                             for m, i in zip(members, infos))
+        return Shard(id=f"{prefix}files-{digest}", uri=self.src_uri, kind="files",
+                     size=sum(int(i.get("size") or 0) for i in infos),
+                     version=hashlib.blake2b(versions.encode(), digest_size=8).hexdigest(),
+                     members=tuple(members))
+
+
+def _listing(fs, root: str) -> Iterator[tuple[str, dict, ShardKind]]:
+    """(relative path, info, kind) of every input file below ``root`` that is not hidden, in
+    sorted order of relative path; info as fsspec's ``find(detail=True)`` has it (size,
+    mtime...)."""
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        yield from _walk_local(root.rstrip("/") or "/")
+        return
+    root = root.rstrip("/")
+    for path, info in fs.find(root, detail=True).items():  # sorted by path
+        rel = path[len(root) :].lstrip("/") if path.startswith(root + "/") else None
+        if rel and info.get("type") != "directory" and not _hidden(rel):
+            kind = _kind_of(rel)
+            if kind is not None:
+                yield rel, info, kind
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, dict, ShardKind]]:
+    """A local folder as fsspec's ``find`` sees it (only directories are descended into, not
+    links to them; a folder that cannot be listed is left out), streamed in sorted order of
+    relative path: depth first, each folder's entries sorted by name with "/" appended to
+    folder names. Hidden names are pruned; only inputs (by name) are stat-ed."""
+    # The stack holds (sort key, path, info, kind), the next one to visit last; info is None
+    # for a folder.
+    stack: list[tuple[str, str, dict | None, ShardKind | None]] = [("", root, None, None)]
+    while stack:
+        rel, path, info, kind = stack.pop()
+        if info is not None:
+            yield rel, info, kind
+            continue
+        entries = []
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    name = entry.name
+                    if name.startswith((".", "_")):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        entries.append((f"{rel}{name}/", entry.path, None, None))
+                    elif (kind := _kind_of(name)) is not None:
+                        try:
+                            entries.append((rel + name, entry.path, _local_info(entry), kind))
+                        except FileNotFoundError:  # gone since the scan: fsspec's ls skips it
+                            continue
+        except OSError:  # fsspec's walk omits a folder it cannot list
+            continue
+        entries.sort(key=lambda e: e[0], reverse=True)
+        stack.extend(entries)
+
+
+def _local_info(entry: os.DirEntry) -> dict:
+    """What fsspec's LocalFileSystem.info reports of a scandir entry, for :func:`_version`."""
+    out = entry.stat(follow_symlinks=False)
+    size = out.st_size
+    if entry.is_symlink():
+        try:
+            size = entry.stat(follow_symlinks=True).st_size
+        except OSError:
+            size = 0
+    return {"size": size, "type": "file" if entry.is_file(follow_symlinks=False) else "other",
+            "mtime": out.st_mtime, "created": getattr(out, "st_birthtime", out.st_ctime)}
 
 
 def _is_boundary(rel: str, files_per_shard: int) -> bool:
