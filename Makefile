@@ -42,11 +42,13 @@ test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # One line per benchmark. torch-ms-deform-attn is the op's peer, installed for bench/op.py only.
+# Longer ones, run by hand: bench/scale.py (cluster scale), bench/cold_start.py (100k files).
 bench: setup
 	$(PIP) install --quiet --no-build-isolation torch-ms-deform-attn==0.1.1
 	$(PY) bench/op.py
 	$(PY) bench/model_speed.py
 	$(PY) bench/segment_job.py
+	$(PY) bench/encode.py
 	$(PY) bench/train.py
 
 # The README's first command: the whole product on synthetic data (see jobs/demo.py).
