@@ -32,7 +32,6 @@ Run: ``python bench/scale.py [--images 1000] [--big-images 5000] [--shards N]
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ import threading
 import time
 
 import numpy as np
+from pictures import smooth_jpegs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEIGHT = 640, 480
@@ -79,27 +79,12 @@ def stage_of(title: str) -> str:
 # data
 
 
-def _jpegs(n: int) -> list[bytes]:
-    """Smooth random pictures, so decoding costs what photos cost."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        small = rng.integers(0, 255, (HEIGHT // 16, WIDTH // 16, 3), dtype=np.uint8)
-        picture = Image.fromarray(small).resize((WIDTH, HEIGHT), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        picture.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 def make_sources(root: str, counts: dict[str, int], per_shard: int) -> tuple[dict, float]:
     """One folder of `n` shards per name; every shard is a hard link of one tar (its id is its
     name, so they are distinct inputs). Returns ({name: folder}, mean JPEG bytes)."""
     from pipeline.segment.tar import tar_bytes
 
-    pictures = _jpegs(8)
+    pictures = smooth_jpegs(8, WIDTH, HEIGHT)
     members = {f"img{i:05d}.jpg": pictures[i % len(pictures)] for i in range(per_shard)}
     master = os.path.join(root, "shard.tar")
     with open(master, "wb") as f:

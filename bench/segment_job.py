@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import logging
 import os
 import resource
@@ -30,29 +29,15 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import psutil
 import torch
-from PIL import Image
+from pictures import smooth_jpegs
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _images(n: int, size: int) -> list[bytes]:
-    """Smooth random pictures (JPEG), so decode and PNG encode cost what photos cost."""
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        small = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)
-        picture = Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        picture.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 class TreeMemory:
@@ -122,7 +107,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="panoray-bench-")
     bundle = os.path.join(tmp, "bundle")
     save_bundle(build_model(config), bundle)
-    images = _images(args.images, args.size)
+    images = smooth_jpegs(args.images, args.size, args.size)
     for start in range(0, len(images), args.per_shard):
         members = {f"img{i:05d}.jpg": images[i]
                    for i in range(start, min(start + args.per_shard, len(images)))}
