@@ -151,6 +151,14 @@ class OutputStore:
         _atomic_write(self.fs, path, _parquet_bytes(table))
         return path
 
+    def committed_table(self, shard_id: str, schema: pa.Schema) -> pa.Table | None:
+        """The committed rows of one shard, or None when it has no file in DST/data yet."""
+        try:
+            with self.fs.open(f"{self.data_path}/{shard_key(shard_id)}.parquet", "rb") as f:
+                return pq.read_table(f, schema=schema)
+        except FileNotFoundError:
+            return None
+
     # -- parts: what workers write before a shard is committed ----------------------------
 
     def staging_path(self, run_id: str, shard_id: str) -> str:
@@ -175,8 +183,16 @@ class OutputStore:
         """
         tables = []
         for part in parts:
-            with self.fs.open(part, "rb") as f:
-                tables.append(pq.read_table(f, schema=schema))
+            try:
+                with self.fs.open(part, "rb") as f:
+                    tables.append(pq.read_table(f, schema=schema))
+            except FileNotFoundError:
+                # A retried commit whose first attempt got as far as removing parts: the
+                # shard's file is in place, and it is the answer (a commit is idempotent).
+                done = self.committed_table(shard_id, schema)
+                if done is None:
+                    raise
+                return done
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         first: dict[str, int] = {}
         for row, image_id in enumerate(table.column("image_id").to_pylist()):

@@ -315,30 +315,58 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, max_pixels, res, 
 
 # Commits run on a few long-lived actors (a task per commit kept starting fresh workers, each
 # importing the storage stack again). A commit is storage I/O: no CPU reservation, so it never
-# waits behind the predictor pool; a lost committer is restarted and its commit retried.
+# waits behind the predictor pool. A commit is idempotent (commits.OutputStore.commit_parts), so
+# one whose committer was lost with its node is simply sent again, to a fresh committer.
 _Committer = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(Committer)
 COMMITTERS = 2
+COMMIT_ATTEMPTS = 4
+
+
+@dataclass
+class _Commit:
+    shard: str
+    parts: list[str]
+    expected: int
+    attempt: int = 1
+    slot: int = 0  # which committer it was sent to
 
 
 def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: int,
            on_commit) -> None:
     """Follow the metadata rows; authorise one commit per shard once all its images are in."""
     progress = ShardProgress()
-    commits: dict[ray.ObjectRef, str] = {}
+    commits: dict[ray.ObjectRef, _Commit] = {}
     committers = [_Committer.remote() for _ in range(COMMITTERS)]
+    sent = 0
     t0 = time.time()
+
+    def send(c: _Commit) -> None:
+        nonlocal sent
+        c.slot = sent % len(committers)
+        sent += 1
+        commits[committers[c.slot].commit.remote(dst, c.shard, c.parts, c.expected,
+                                                 OUTPUT_SCHEMA)] = c
 
     def settle(refs) -> None:
         for ref in refs:
-            shard_id = commits.pop(ref)
-            counts = ray.get(ref)  # raises if the commit failed after its retries
+            c = commits.pop(ref)
+            try:
+                counts = ray.get(ref)  # raises if the commit failed after its retries
+            except ray.exceptions.RayActorError as e:
+                if c.attempt >= COMMIT_ATTEMPTS:
+                    raise
+                log.warning("committer of shard %s was lost (%s); committing it again",
+                            c.shard, type(e).__name__)
+                committers[c.slot] = _Committer.remote()
+                send(dataclasses.replace(c, attempt=c.attempt + 1))
+                continue
             summary.images_ok += counts["ok"]
             summary.images_failed += counts["failed"]
             summary.shards_done += 1
-            on_commit(shard_id)
+            on_commit(c.shard)
             rate = (summary.images_ok + summary.images_failed) / max(time.time() - t0, 1e-9)
             log.info("committed shard %s (%d/%d shards, %d images ok, %d failed, %.2f "
-                     "images/s)", shard_id, summary.shards_done, total, summary.images_ok,
+                     "images/s)", c.shard, summary.shards_done, total, summary.images_ok,
                      summary.images_failed, rate)
 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -354,13 +382,13 @@ def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: in
             if progress.complete(shard):
                 lock.ensure_held()
                 parts, expected = progress.pop(shard)
-                committer = committers[len(commits) % len(committers)]
-                commits[committer.commit.remote(dst, shard, parts, expected,
-                                                OUTPUT_SCHEMA)] = shard
+                send(_Commit(shard, parts, expected))
         if commits:  # settle finished commits as we go: errors surface early
             done, _ = ray.wait(list(commits), num_returns=len(commits), timeout=0)
             settle(done)
-    settle(list(commits))
+    while commits:  # a resent commit joins the dict; wait until none is left
+        done, _ = ray.wait(list(commits), num_returns=1)
+        settle(done)
     if progress.pending:
         raise RuntimeError(f"{progress.pending} shards did not receive all their rows; re-run "
                            "the job: committed shards are kept and only these are redone")

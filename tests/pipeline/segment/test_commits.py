@@ -117,6 +117,18 @@ def test_parts_commit_once_with_one_row_per_image_and_vanish(out_uri):
     assert not any(store.fs.exists(p) for p in parts)
 
 
+def test_a_commit_sent_again_after_it_finished_returns_the_same_rows(out_uri):
+    # A committer lost after it wrote the shard's file: the coordinator sends the commit again.
+    store = OutputStore(out_uri)
+    parts = [store.stage_part("run1", "s/r.tar", _rows("r", [0, 1]))]
+    first = store.commit_parts("s/r.tar", parts, expected=2, schema=SCHEMA)
+    again = store.commit_parts("s/r.tar", parts, expected=2, schema=SCHEMA)
+    assert again.equals(first)
+    # Without a committed file, a missing part is still an error.
+    with pytest.raises(FileNotFoundError):
+        store.commit_parts("s/never.tar", parts, expected=2, schema=SCHEMA)
+
+
 def test_a_shard_missing_a_part_is_refused_not_committed_short(out_uri):
     store = OutputStore(out_uri)
     parts = [store.stage_part("run1", "s/b.tar", _rows("b", [0, 1]))]

@@ -56,6 +56,39 @@ def test_local_folder_with_bad_inputs_then_incremental_rerun(tmp_path, bundle, r
     assert len(ids) == len(set(ids)) == 3 + len(expected) + 2
 
 
+def test_a_committer_lost_after_its_commit_is_replaced_and_nothing_doubles(tmp_path, bundle,
+                                                                           ray_local,
+                                                                           monkeypatch):
+    import ray
+
+    from pipeline.segment import job
+    from pipeline.segment.commits import Committer
+
+    marker = tmp_path / "crashed"
+
+    class DiesOnceAfterCommitting(Committer):  # a committer whose node goes away mid-job
+        def commit(self, *args):
+            counts = super().commit(*args)
+            if not marker.exists():
+                marker.write_text("x")
+                os._exit(1)  # the shard's file is written, its parts removed; no answer
+            return counts
+
+    monkeypatch.setattr(job, "_Committer", ray.remote(num_cpus=0, max_restarts=0)(
+        DiesOnceAfterCommitting))
+    src, dst = tmp_path / "in", str(tmp_path / "out")
+    names = [f"d{i // 2}/img{i}.jpg" for i in range(6)]
+    for i, name in enumerate(names):
+        write_images(src / Path(name).parent, [Path(name).name], seed=i)
+    summary = run_segment(src=str(src), dst=dst, model=bundle, files_per_shard=2,
+                          progress=False)
+    assert marker.exists()
+    assert (summary.images_ok, summary.images_failed) == (6, 0)
+    assert summary.shards_done == len(list(Path(dst, "data").glob("*.parquet")))
+    assert sorted(read_output(dst).column("image_id").to_pylist()) == sorted(names)
+    assert not list(Path(dst, "_staging").rglob("*.parquet"))
+
+
 def test_tar_shards_on_s3_to_parquet_on_s3(tmp_path, bundle, s3_bucket, s3_server, ray_local):
     s3 = boto3.client("s3", endpoint_url=s3_server)
     for shard in range(2):
