@@ -13,10 +13,11 @@ The per-worker loop lives in `pipeline.train.loop`, the example stream in
     <storage>/<name>/history.json             reported metrics (losses, lr, images/s, PQ)
     <storage>/<name>/...                      Ray Train's own run files
 
-Running again with the same name and storage resumes from the latest checkpoint (Ray Train V2
-restores it from its run snapshot; this driver reads the same snapshot to start the data stream
-where the checkpoint left it): the step count continues. A worker-group restart inside one run
-(`max_failures`) resumes the same way.
+Running again with the same name and storage resumes from the newest complete checkpoint on
+storage (`pipeline.train.loop.newest_checkpoint`; not only Ray Train V2's run snapshot, which
+records a checkpoint after it is written, so a failure in between would lose it), and this driver
+starts the data stream where that checkpoint left it: the step count continues. A worker-group
+restart inside one run (`max_failures`) resumes the same way.
 
 Label space: the train JSON's categories sorted by category id. A starting bundle with the same
 categories keeps its own order and class head; one with other categories keeps everything but
@@ -43,7 +44,7 @@ from model.storage import (
 )
 from pipeline.params import FinetuneParams, as_kwargs, with_params
 from pipeline.train.data import LSJConfig, load_split, train_dataset
-from pipeline.train.loop import STATE_JSON, LoopConfig, train_loop_per_worker
+from pipeline.train.loop import LoopConfig, newest_checkpoint, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -187,22 +188,9 @@ def _bundle_config(uri: str) -> Mask2FormerConfig:
 
 
 def latest_step(run_uri: str) -> int:
-    """The step of the checkpoint Ray Train will restore for the run at `run_uri` (0: none)."""
-    from ray.train import Result
-
-    storage_fs, path = _ray_storage(run_uri)
-    try:
-        result = Result.from_path(path, storage_filesystem=storage_fs)
-    except RuntimeError:  # no such run yet, or no snapshot
-        return 0
-    if result.checkpoint is None:
-        return 0
-    fs, ckpt = (storage_fs, result.checkpoint.path)
-    if fs is None:
-        with open(os.path.join(ckpt, STATE_JSON)) as f:
-            return int(json.load(f)["step"])
-    with fs.open_input_stream(f"{ckpt}/{STATE_JSON}") as f:
-        return int(json.loads(f.read())["step"])
+    """The step the run at `run_uri` resumes from: its newest complete checkpoint (0: none)."""
+    found = newest_checkpoint(run_uri)
+    return found[0] if found else 0
 
 
 def read_history(run_uri: str) -> list[dict]:

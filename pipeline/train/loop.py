@@ -29,7 +29,7 @@ import posixpath
 import random
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -98,19 +98,68 @@ def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
 # ------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(directory: str, *, net, optimizer, scheduler, scaler, step: int, name: str,
-                    history: list[dict], rank: int) -> None:
+                    history: list[dict], rank: int, world: int = 1) -> None:
     """Write this worker's part of a checkpoint into `directory` (rank 0: model and state).
 
     The .pt files hold tensors and plain values only, so they load with weights_only=True.
+    Rank 0's STATE_JSON lists the size of every file rank 0 wrote and the number of workers,
+    so a reader can tell a whole checkpoint from one cut short (:func:`checkpoint_complete`).
     """
+    torch.save(_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
     if rank == 0:
         save_bundle(_unwrap(net), os.path.join(directory, "model"), name=name)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "step": step},
                    os.path.join(directory, "train_state.pt"))
+        files = {}
+        for folder, _, names in os.walk(directory):
+            for n in names:
+                full = os.path.join(folder, n)
+                files[os.path.relpath(full, directory).replace(os.sep, "/")] = \
+                    os.path.getsize(full)
         with open(os.path.join(directory, STATE_JSON), "w") as f:
-            json.dump({"step": step, "name": name, "history": history}, f)
-    torch.save(_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
+            json.dump({"step": step, "name": name, "history": history, "world": world,
+                       "files": files}, f)
+
+
+def checkpoint_complete(fs, folder: str) -> int | None:
+    """The step of the checkpoint in `folder` (on fsspec filesystem `fs`) when every file of
+    it is there at its full size, else None (a copy or upload cut short by a failure)."""
+    try:
+        with fs.open(f"{folder}/{STATE_JSON}", "rb") as f:
+            state = json.loads(f.read())
+        for rel, size in state.get("files", {}).items():
+            if fs.size(f"{folder}/{rel}") != size:
+                return None
+        for r in range(1, int(state.get("world", 1))):
+            if not fs.exists(f"{folder}/rng_rank{r}.pt"):
+                return None
+        return int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def newest_checkpoint(run_uri: str) -> tuple[int, str] | None:
+    """(step, URI) of the newest complete checkpoint of the run at `run_uri`, or None.
+
+    Read from storage itself, not from Ray Train's run snapshot: a checkpoint is written before
+    Ray records it, so a failure in between leaves the newest one on storage only.
+    """
+    fs, path = get_filesystem(run_uri)
+    try:
+        folders = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    steps = []
+    for folder in folders:
+        name = posixpath.basename(folder.rstrip("/"))
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+            steps.append((int(name[len(CHECKPOINT_PREFIX):]), folder.rstrip("/"), name))
+    for _, folder, name in sorted(steps, reverse=True):
+        step = checkpoint_complete(fs, folder)
+        if step is not None:
+            return step, join(run_uri, name)
+    return None
 
 
 def load_checkpoint(directory: str, *, net, optimizer, scheduler, scaler,
@@ -280,9 +329,8 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
     autocast, fp16 = _autocast(device)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
+    with _newest_checkpoint_dir(cfg.run_uri, ray.train.get_checkpoint()) as d:
+        if d is not None:
             step, history = load_checkpoint(d, net=net, optimizer=optimizer,
                                             scheduler=scheduler, scaler=scaler, rank=rank)
     if rank == 0:
@@ -340,7 +388,7 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
             last_print = time.monotonic()
             _print_progress(cfg, step, metrics, start_time, start_step, world)
         _report(cfg, metrics, history, do_ckpt=do_ckpt, net=net, optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler, step=step, rank=rank)
+                scheduler=scheduler, scaler=scaler, step=step, rank=rank, world=world)
 
     if rank == 0:
         save_bundle(_unwrap(net), join(cfg.run_uri, "final"), name=cfg.name,
@@ -350,15 +398,44 @@ def train_loop_per_worker(config: dict[str, LoopConfig]) -> None:
                  f"{redact(join(cfg.run_uri, 'final'))}")
 
 
+@contextmanager
+def _newest_checkpoint_dir(run_uri: str, ray_checkpoint):
+    """A local folder holding the newest complete checkpoint of the run (None: start afresh):
+    the one on storage when it is newer than the one Ray Train restores."""
+    found = newest_checkpoint(run_uri)
+    ray_step = -1
+    if ray_checkpoint is not None:
+        name = posixpath.basename(ray_checkpoint.path.rstrip("/"))
+        digits = name[len(CHECKPOINT_PREFIX):]
+        ray_step = int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else 0
+    if found is None or found[0] <= ray_step:
+        if ray_checkpoint is None:
+            yield None
+        else:
+            with ray_checkpoint.as_directory() as d:
+                yield d
+        return
+    log.info("resuming from %s: newer than the checkpoint in Ray Train's snapshot (step %d)",
+             redact(found[1]), ray_step)
+    fs, path = get_filesystem(found[1])
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as d:
+        fs.get(path.rstrip("/") + "/", d + "/", recursive=True)
+        yield d
+
+
 def _report(cfg: LoopConfig, metrics: dict, history: list[dict], *, do_ckpt: bool, step: int,
-            rank: int, **state) -> None:
+            rank: int, world: int, **state) -> None:
     import ray.train
 
     if not do_ckpt:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, step=step, name=cfg.name, history=history, rank=rank, **state)
+        save_checkpoint(d, step=step, name=cfg.name, history=history, rank=rank, world=world,
+                        **state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
     if rank == 0:

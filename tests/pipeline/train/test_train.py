@@ -287,6 +287,35 @@ def saved_checkpoint(tmp_path_factory) -> Path:
     return ckpt
 
 
+def test_resume_takes_the_newest_whole_checkpoint_on_storage(tmp_path):
+    """Ray Train records a checkpoint in its run snapshot only after it is written: a run
+    killed in between has a newer checkpoint on storage than in the snapshot. Resume from the
+    newest one that is whole, not from the snapshot's, and never from one cut short."""
+    from pipeline.train.loop import _newest_checkpoint_dir, newest_checkpoint
+
+    state = _training_state()
+    run = tmp_path / "run"
+    for step in (5, 10, 15, 20):
+        ckpt = run / f"checkpoint_{step:08d}"
+        ckpt.mkdir(parents=True)
+        for rank in (0, 1):  # two workers: each writes its part
+            save_checkpoint(str(ckpt), step=step, name="r", history=[{"step": step}],
+                            rank=rank, world=2, **state)
+    weights = run / "checkpoint_00000020" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an upload cut short
+    (run / "checkpoint_00000015" / "rng_rank1.pt").unlink()  # a worker's part never landed
+    assert newest_checkpoint(str(run)) == (10, f"{run}/checkpoint_00000010")
+    assert latest_step(str(run)) == 10
+
+    class InSnapshot:  # what ray.train.get_checkpoint() hands a worker: the snapshot's newest
+        path = str(run / "checkpoint_00000005")
+
+    with _newest_checkpoint_dir(str(run), InSnapshot()) as d:
+        step, history = load_checkpoint(d, rank=1, **_training_state(seed=1))
+    assert (step, history) == (10, [{"step": 10}])
+    assert newest_checkpoint(str(tmp_path / "no-such-run")) is None
+
+
 @pytest.mark.parametrize("victim", ["train_state.pt", "rng_rank0.pt"])
 def test_resume_refuses_a_planted_pickle_without_running_it(tmp_path, saved_checkpoint, victim):
     ckpt = Path(shutil.copytree(saved_checkpoint, tmp_path / saved_checkpoint.name))
