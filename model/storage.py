@@ -55,6 +55,26 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+# Transient S3 failures (503 SlowDown, 500, resets, timeouts) are retried with backoff, by
+# these settings and not by whatever a library defaults to. A request is tried S3_ATTEMPTS times
+# (botocore's "standard" mode: exponential backoff with jitter, at most 20 s between tries; about
+# a minute in all for a store that stays down, then the error). AWS_MAX_ATTEMPTS / AWS_RETRY_MODE
+# in the environment take precedence. s3fs adds S3FS_RETRIES tries around botocore's for what
+# botocore cannot retry (a body cut short while it is read).
+S3_ATTEMPTS = 8
+S3FS_RETRIES = 2
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 60
+
+
+def s3_attempts() -> int:
+    """Tries per S3 request: AWS_MAX_ATTEMPTS when set, else :data:`S3_ATTEMPTS`."""
+    try:
+        return max(1, int(os.environ["AWS_MAX_ATTEMPTS"]))
+    except (KeyError, ValueError):
+        return S3_ATTEMPTS
+
+
 def get_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for any fsspec URI, with the S3 endpoint override applied."""
     clean, _ = split_endpoint(uri)
@@ -64,10 +84,16 @@ def get_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         endpoint = s3_endpoint(uri)
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
+        options["config_kwargs"] = {
+            "retries": {"max_attempts": s3_attempts(),
+                        "mode": os.environ.get("AWS_RETRY_MODE", "standard")},
+            "connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S}
         # Listings must see what another process just wrote (re-runs, concurrent writers).
         options["use_listings_cache"] = False
         options["skip_instance_cache"] = True
     fs, path = fsspec.core.url_to_fs(clean, **options)
+    if protocol in ("s3", "s3a"):
+        fs.retries = S3FS_RETRIES  # s3fs takes it as an attribute, not an argument
     return fs, path
 
 
@@ -79,7 +105,10 @@ def pyarrow_filesystem(uri: str):
     parts = urlsplit(clean)
     if parts.scheme in ("s3", "s3a"):
         endpoint = s3_endpoint(uri)
-        kwargs: dict = {}
+        kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(
+                            max_attempts=s3_attempts()),
+                        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+                        "request_timeout": S3_READ_TIMEOUT_S}
         if endpoint:
             split = urlsplit(endpoint)
             kwargs["endpoint_override"] = split.netloc or endpoint
