@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.storage import get_filesystem, join
+from pipeline.segment.shards import OUTPUT_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,14 @@ class OutputStore:
         self.uri = uri
         self.fs, self.path = get_filesystem(uri)
         self.data_path = f"{self.path.rstrip('/')}/{DATA_DIR}"
+
+    def mark(self) -> None:
+        """Leave the output's marker at its root (once): a listing that meets this folder
+        inside some SRC knows it for a panoray output and never reads it as input."""
+        path = f"{self.path.rstrip('/')}/{OUTPUT_MARKER}"
+        if not self.fs.exists(path):
+            _atomic_write(self.fs, path, json.dumps(
+                {"format": "panoray segments", "version": 1, "data": DATA_DIR}).encode())
 
     def shard_uri(self, shard_id: str) -> str:
         return join(self.uri, DATA_DIR, shard_key(shard_id) + ".parquet")

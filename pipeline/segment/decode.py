@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile
 
+from pipeline.segment.shards import sniff_image_format
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: ~300 MB as RGB uint8
@@ -51,17 +53,6 @@ _TRANSPOSE_FOR_ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 # Leading bytes of the formats people feed us, to name what a file claims to be in errors.
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
-
-
 class DecodeError(ValueError):
     """An input that is not a usable image; the message says why, for a person to read."""
 
@@ -83,7 +74,8 @@ def decode_image(
     max_long_side: int | None = None,
     apply_exif: bool = True,
 ) -> DecodedImage:
-    """Decode one encoded image (JPEG, PNG, WebP, BMP, TIFF, GIF: first frame) to RGB uint8.
+    """Decode one encoded image (JPEG, PNG, WebP, BMP, TIFF, HEIC, AVIF; GIF: first frame) to
+    RGB uint8.
 
     Raises :class:`DecodeError` with a readable message for anything that is not a whole,
     reasonably sized image. ``target_short_side`` / ``max_long_side`` (pixels) resize the returned
@@ -92,7 +84,9 @@ def decode_image(
     if data is None or len(data) == 0:
         raise DecodeError("not an image: the file is empty (0 bytes)")
     data = bytes(data)
-    fmt = _sniff(data)
+    fmt = sniff_image_format(data)
+    if fmt == "HEIF":
+        _register_heif()
     _keep_truncated_images_failing()
     im = _open(data, fmt=fmt, max_pixels=max_pixels)
     fmt = im.format or fmt or "image"
@@ -197,13 +191,21 @@ def _missing(value: Any) -> bool:
     return isinstance(value, (float, np.floating)) and bool(np.isnan(value))
 
 
-def _sniff(data: bytes) -> str | None:
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return None
+_heif_registered = False
+
+
+def _register_heif() -> None:
+    """Pillow reads HEIC / HEIF through the pillow-heif plugin (AVIF it reads itself)."""
+    global _heif_registered
+    if _heif_registered:
+        return
+    try:
+        import pillow_heif
+    except ImportError:
+        raise DecodeError("HEIC / HEIF image: decoding it needs the pillow-heif package "
+                          "(pip install pillow-heif)") from None
+    pillow_heif.register_heif_opener()
+    _heif_registered = True
 
 
 def _keep_truncated_images_failing() -> None:

@@ -38,7 +38,7 @@ from pipeline.segment.commits import (
 from pipeline.segment.predictor import PanopticPredictor, load_predictor
 from pipeline.segment.rows import END, PredictStage, decode_stage, read_shard, stage_parts
 from pipeline.segment.schema import OUTPUT_SCHEMA
-from pipeline.segment.sources import list_shards
+from pipeline.segment.sources import Skipped, check_output_place, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class SegmentSummary:
     images_failed: int = 0
     seconds: float = 0.0
     failed_examples: list[str] = field(default_factory=list)
+    skipped: Skipped = field(default_factory=Skipped)  # files under SRC that get no row
 
     @property
     def images_per_s(self) -> float:
@@ -67,6 +68,8 @@ class SegmentSummary:
             f"{self.images_per_s:.2f} images/s over {self.seconds:.1f} s",
             f"output: {redact(self.dst)}/data/*.parquet",
         ]
+        if self.skipped.total:
+            lines.insert(2, f"inputs: {self.skipped.render()}")
         lines += [f"  failed: {e}" for e in self.failed_examples]
         return "\n".join(lines)
 
@@ -142,15 +145,17 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
                         f"{predictor!r}")
     started = time.time()
     summary = SegmentSummary(src=p.src, dst=p.dst)
+    check_output_place(p.src, p.dst)
     with WriterLock(p.dst, stale_after_s=p.stale_lock_s,
                     heartbeat_s=min(30.0, p.stale_lock_s / 4)) as lock:
         store = OutputStore(p.dst)
+        store.mark()
         store.clear_staging()  # parts of killed runs (we hold the lock: nobody else writes)
         done_keys = store.committed_keys()  # one listing of DST/data; nothing is read
         # The listing of SRC streams in a thread; Ray starts as soon as one shard is known to
         # be due, while the rest of a big archive is still being listed. The job itself starts
         # from the whole listing, as before.
-        listing = _Listing(p, store, done_keys)
+        listing = _Listing(p, store, done_keys, summary.skipped)
         try:
             ready = p.limit_shards != 0 and listing.wait_first_pending()
             if ready:
@@ -165,6 +170,8 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
             pending = pending[:p.limit_shards]
         log.info("%d shards at %s: %d already committed, %d to do", len(shards), redact(p.src),
                  summary.shards_skipped, len(pending))
+        if summary.skipped.total:
+            log.info("inputs: %s", summary.skipped.render())
         if pending:
             if not ready:
                 _prepare_run(p, predictor)
@@ -195,8 +202,10 @@ class _Listing:
     DST shows up (a set lookup per shard: committed files are never read); then builds the
     :class:`RegroupedFiles` of the whole listing, still in the thread."""
 
-    def __init__(self, p: SegmentParams, store: OutputStore, done_keys: set[str]):
+    def __init__(self, p: SegmentParams, store: OutputStore, done_keys: set[str],
+                 skipped: Skipped):
         self._done_keys = done_keys
+        self._skipped = skipped
         self._found = threading.Event()  # the first pending shard, or the end of the listing
         self._any_pending = False
         self._stopping = False
@@ -216,7 +225,8 @@ class _Listing:
     def _run(self, p: SegmentParams, store: OutputStore) -> None:
         try:
             shards = list_shards(p.src, files_per_shard=p.files_per_shard,
-                                 image_column=p.image_column, on_shard=self._on_shard)
+                                 image_column=p.image_column, on_shard=self._on_shard,
+                                 exclude=p.dst, skipped=self._skipped)
             self._result = shards, RegroupedFiles(store, shards, self._done_keys)
         except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
             self._error = e

@@ -17,8 +17,57 @@ from model.storage import redact
 ShardKind = Literal["tar", "files", "parquet"]
 
 # Image extensions, in order of preference when one key has several image members.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "jfif", "jpe",
+                    "heic", "heif", "avif")
 _IMAGE_RANK = {ext: rank for rank, ext in enumerate(IMAGE_EXTENSIONS)}
+# Extensions that are known not to be images: such files are skipped without being opened.
+# Any other file whose name has no image extension is opened to look at its first bytes.
+NOT_IMAGE_EXTENSIONS = frozenset(
+    "json jsonl txt csv tsv xml yaml yml md rst html htm pdf log cls npy npz pt pth pkl pickle "
+    "safetensors zip gz bz2 xz zst 7z rar mp4 mov avi mkv webm mp3 wav flac py sh ipynb db "
+    "sqlite lock ini cfg toml arrow feather orc avro seg idx".split())
+SNIFF_BYTES = 32  # how much of a file :func:`sniff_image_format` needs
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+# ISO base media files (HEIF / AVIF): "ftyp" at byte 4, then the major brand.
+_HEIF_BRANDS = {b"heic": "HEIF", b"heix": "HEIF", b"heim": "HEIF", b"heis": "HEIF",
+                b"hevc": "HEIF", b"hevx": "HEIF", b"mif1": "HEIF", b"msf1": "HEIF",
+                b"avif": "AVIF", b"avis": "AVIF"}
+
+
+# Names that are never inputs: the markers and scratch folders of output committers (Spark's,
+# Hadoop's, Delta's, panoray's own). Any other name starting with "_" is an ordinary input
+# (``_DSC0001.JPG`` is what many cameras call their photos).
+OUTPUT_MARKER = "_panoray_output.json"  # at the root of every panoray segment output
+MARKER_NAMES = frozenset({"_SUCCESS", "_FAILURE", "_metadata", "_common_metadata",
+                          "_temporary", "_delta_log", "_spark_metadata", "_staging",
+                          "_panoray.lock", OUTPUT_MARKER})
+MARKER_PREFIXES = ("_committed_", "_started_", "_temporary", "_SUCCESS")
+
+
+def is_marker(name: str) -> bool:
+    """A job's marker or scratch file / folder (see :data:`MARKER_NAMES`)."""
+    return name in MARKER_NAMES or name.startswith(MARKER_PREFIXES)
+
+
+def sniff_image_format(head: bytes) -> str | None:
+    """The image format the first bytes of a file announce (``PNG``, ``JPEG``...), or None."""
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp":
+        return _HEIF_BRANDS.get(head[8:12])
+    return None
 
 
 @dataclass(frozen=True)
@@ -58,9 +107,14 @@ def record(
 
 def image_extension(name: str) -> str | None:
     """The image extension of a file name (lower case), or None if it is not an image name."""
-    base = name.rsplit("/", 1)[-1]
-    ext = base.rsplit(".", 1)[-1].lower() if "." in base else ""
+    ext = extension(name)
     return ext if ext in _IMAGE_RANK else None
+
+
+def extension(name: str) -> str:
+    """The last extension of a file name, lower case ("" when it has none)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
 
 
 def image_rank(ext: str) -> int:

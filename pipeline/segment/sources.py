@@ -1,7 +1,7 @@
 """Input shards: what lies at a source URI, and the encoded images inside one shard.
 
-Three kinds of shard, found by file extension under the source URI (recursively; names starting
-with ``.`` or ``_`` are skipped, like Spark's and Ray's ``_SUCCESS`` / ``.DS_Store``):
+Three kinds of shard, found by file extension under the source URI (recursively), or by the
+first bytes of a file whose name has no image extension (a JPEG called ``IMG_0001``):
 
 - ``tar``: a WebDataset-style ``.tar`` (or ``.tar.gz`` / ``.tgz``) file. Members are grouped by
   key as WebDataset does (``dir/k.jpg`` and ``dir/k.json`` share key ``dir/k``); per key, the
@@ -13,6 +13,14 @@ with ``.`` or ``_`` are skipped, like Spark's and Ray's ``_SUCCESS`` / ``.DS_Sto
 - ``files``: loose image files, grouped into shards of about ``files_per_shard``.
 
 Shard ids are relative to the source URI, so the same data copied elsewhere keeps its ids.
+
+**Every file is accounted for.** A file gets a row, or it is counted in :class:`Skipped` with
+why: hidden (a name starting with ``.``), a job's marker or scratch file (``_SUCCESS``,
+``_temporary/``, ``_delta_log/``; see :func:`pipeline.segment.shards.is_marker`; other names
+starting with ``_`` are inputs), a panoray output (a folder holding
+:data:`~pipeline.segment.shards.OUTPUT_MARKER`, or the job's own DST inside SRC), not an image
+(by a known extension such as ``.json``, or by its first bytes), or a file or folder that cannot
+be read.
 
 **Incremental runs.** A re-run skips shards whose id is already in the output, so an id must
 change whenever the set of inputs behind it changes, and stay put otherwise:
@@ -44,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -56,13 +65,60 @@ from model.storage import (
     storage_errors,
 )
 from pipeline.segment.parquet import check_columns, iter_parquet_records
-from pipeline.segment.shards import IMAGE_EXTENSIONS, Shard, ShardKind, image_extension, record
+from pipeline.segment.shards import (
+    IMAGE_EXTENSIONS,
+    NOT_IMAGE_EXTENSIONS,
+    OUTPUT_MARKER,
+    SNIFF_BYTES,
+    Shard,
+    ShardKind,
+    extension,
+    image_extension,
+    is_marker,
+    record,
+    sniff_image_format,
+)
 from pipeline.segment.tar import iter_tar_records
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 DEFAULT_FILES_PER_SHARD = 256
 _READ_BATCH = 16  # loose files fetched concurrently per request batch (s3fs runs them async)
+
+
+SKIP_HIDDEN = "hidden"
+SKIP_MARKER = "job marker"
+SKIP_OUTPUT = "panoray output"
+SKIP_NOT_IMAGE = "not an image"
+SKIP_UNREADABLE = "unreadable"
+
+
+@dataclass
+class Skipped:
+    """What under SRC gets no row, and why: a count per reason and the first few names of each
+    (a skipped folder counts once, with a trailing "/")."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, rel: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        names = self.examples.setdefault(reason, [])
+        if len(names) < 3:
+            names.append(rel)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def render(self) -> str:
+        """One line, e.g. "3 skipped: 2 hidden (.DS_Store, .cache/); 1 not an image (a.txt)"."""
+        parts = []
+        for reason, n in sorted(self.counts.items()):
+            names = self.examples[reason]
+            more = ", ..." if n > len(names) else ""
+            parts.append(f"{n} {reason} ({', '.join(names)}{more})")
+        return f"{self.total} skipped: " + "; ".join(parts)
 
 
 def list_shards(
@@ -72,6 +128,8 @@ def list_shards(
     image_column: str | None = None,
     id_column: str | None = None,
     on_shard: Callable[[Shard], object] | None = None,
+    exclude: str | None = None,
+    skipped: Skipped | None = None,
 ) -> list[Shard]:
     """Every shard at ``src_uri`` (a folder / prefix, or one tar, Parquet or image file), by id.
 
@@ -85,12 +143,20 @@ def list_shards(
     first shards while the rest of a big archive is still being listed. A local folder is walked
     with ``os.scandir`` in sorted order (only image, tar and Parquet files are stat-ed); other
     stores are listed with one recursive ``find``.
+
+    ``exclude``: a URI (the job's DST) whose subtree is never read as input when it lies inside
+    SRC. ``skipped``: filled with every file and folder that gets no row, and why.
     """
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard must be at least 1, got {files_per_shard}")
+    skipped = Skipped() if skipped is None else skipped
     src_uri = absolute(src_uri)
     fs, root = filesystem_for(src_uri)
+    if exclude:
+        check_output_place(src_uri, exclude)
+    excluded = _relative_inside(src_uri, exclude) if exclude else None
     with storage_errors(src_uri):
+        _refuse_an_output(fs, root, src_uri)
         if fs.isfile(root):
             shards = _single_file_shard(fs, root, src_uri, image_column, id_column)
             for shard in shards if on_shard else ():
@@ -102,7 +168,7 @@ def list_shards(
             )
         shards = []
         grouper = _FileGrouper(src_uri, files_per_shard)
-        for rel, info, kind in _listing(fs, root):
+        for rel, info, kind in _listing(fs, root, skipped=skipped, excluded=excluded):
             if kind == "files":
                 shard = grouper.add(rel, info)
             else:
@@ -223,27 +289,53 @@ class _FileGrouper:
                      members=tuple(members))
 
 
-def _listing(fs, root: str) -> Iterator[tuple[str, dict, ShardKind]]:
-    """(relative path, info, kind) of every input file below ``root`` that is not hidden, in
-    sorted order of relative path; info as fsspec's ``find(detail=True)`` has it (size,
-    mtime...)."""
+def _listing(fs, root: str, *, skipped: Skipped,
+             excluded: str | None) -> Iterator[tuple[str, dict, ShardKind]]:
+    """(relative path, info, kind) of every input file below ``root``, in sorted order of
+    relative path; info as fsspec's ``find(detail=True)`` has it (size, mtime...). What is
+    not an input goes to ``skipped``; ``excluded`` (a relative folder) is never entered."""
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        yield from _walk_local(root.rstrip("/") or "/")
+        yield from _walk_local(root.rstrip("/") or "/", skipped=skipped, excluded=excluded)
         return
     root = root.rstrip("/")
+    found = {}
     for path, info in fs.find(root, detail=True).items():  # sorted by path
         rel = path[len(root) :].lstrip("/") if path.startswith(root + "/") else None
-        if rel and info.get("type") != "directory" and not _hidden(rel):
-            kind = _kind_of(rel)
-            if kind is not None:
-                yield rel, info, kind
+        if rel and info.get("type") != "directory":
+            found[rel] = (path, info)
+    outputs = {rel.rsplit("/", 1)[0] for rel in found
+               if rel.endswith("/" + OUTPUT_MARKER)}
+    if excluded:
+        outputs.add(excluded)
+    told: set[str] = set()  # skipped folders already counted
+    for rel, (path, info) in found.items():
+        parts = rel.split("/")
+        folder = next((("/".join(parts[: i + 1]), reason) for i in range(len(parts) - 1)
+                       if (reason := _skip_reason(parts[i]) or
+                           (SKIP_OUTPUT if "/".join(parts[: i + 1]) in outputs else None))),
+                      None)
+        if folder is not None:
+            if folder[0] not in told:
+                told.add(folder[0])
+                skipped.add(folder[1], folder[0] + "/")
+            continue
+        if (reason := _skip_reason(parts[-1])) is not None:
+            skipped.add(reason, rel)
+            continue
+        kind = _kind_of(parts[-1]) or _sniffed_kind(
+            parts[-1], lambda p=path: fs.cat_file(p, start=0, end=SNIFF_BYTES))
+        if kind in (SKIP_NOT_IMAGE, SKIP_UNREADABLE):
+            skipped.add(kind, rel)
+        else:
+            yield rel, info, kind
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, dict, ShardKind]]:
+def _walk_local(root: str, *, skipped: Skipped,
+                excluded: str | None) -> Iterator[tuple[str, dict, ShardKind]]:
     """A local folder as fsspec's ``find`` sees it (only directories are descended into, not
-    links to them; a folder that cannot be listed is left out), streamed in sorted order of
-    relative path: depth first, each folder's entries sorted by name with "/" appended to
-    folder names. Hidden names are pruned; only inputs (by name) are stat-ed."""
+    links to them), streamed in sorted order of relative path: depth first, each folder's
+    entries sorted by name with "/" appended to folder names. Skipped names are pruned and
+    counted; only inputs are stat-ed."""
     # The stack holds (sort key, path, info, kind), the next one to visit last; info is None
     # for a folder.
     stack: list[tuple[str, str, dict | None, ShardKind | None]] = [("", root, None, None)]
@@ -252,24 +344,93 @@ def _walk_local(root: str) -> Iterator[tuple[str, dict, ShardKind]]:
         if info is not None:
             yield rel, info, kind
             continue
-        entries = []
         try:
             with os.scandir(path) as it:
-                for entry in it:
-                    name = entry.name
-                    if name.startswith((".", "_")):
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        entries.append((f"{rel}{name}/", entry.path, None, None))
-                    elif (kind := _kind_of(name)) is not None:
-                        try:
-                            entries.append((rel + name, entry.path, _local_info(entry), kind))
-                        except FileNotFoundError:  # gone since the scan: fsspec's ls skips it
-                            continue
-        except OSError:  # fsspec's walk omits a folder it cannot list
+                listed = list(it)
+        except OSError:
+            if not rel:  # SRC itself
+                raise
+            skipped.add(SKIP_UNREADABLE, rel)  # a folder that cannot be listed
             continue
+        if rel and (rel.rstrip("/") == excluded or
+                    any(e.name == OUTPUT_MARKER for e in listed)):
+            skipped.add(SKIP_OUTPUT, rel)
+            continue
+        entries = []
+        for entry in listed:
+            name = entry.name
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if (reason := _skip_reason(name)) is not None:
+                skipped.add(reason, f"{rel}{name}/" if is_dir else rel + name)
+                continue
+            if is_dir:
+                entries.append((f"{rel}{name}/", entry.path, None, None))
+                continue
+            kind = _kind_of(name) or _sniffed_kind(name, lambda p=entry.path: _head(p))
+            if kind in (SKIP_NOT_IMAGE, SKIP_UNREADABLE):
+                skipped.add(kind, rel + name)
+                continue
+            try:
+                entries.append((rel + name, entry.path, _local_info(entry), kind))
+            except FileNotFoundError:  # gone since the scan: fsspec's ls skips it
+                continue
         entries.sort(key=lambda e: e[0], reverse=True)
         stack.extend(entries)
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(SNIFF_BYTES)
+
+
+def _skip_reason(name: str) -> str | None:
+    if name.startswith("."):
+        return SKIP_HIDDEN
+    if name.startswith("_") and is_marker(name):
+        return SKIP_MARKER
+    return None
+
+
+def _sniffed_kind(name: str, head: Callable[[], bytes]) -> str:
+    """"files" for a file whose name has no image extension but whose first bytes are an
+    image's; else why it is skipped. Files with a known non-image extension are not opened."""
+    if extension(name) in NOT_IMAGE_EXTENSIONS:
+        return SKIP_NOT_IMAGE
+    try:
+        first = head()
+    except OSError:
+        return SKIP_UNREADABLE
+    return "files" if sniff_image_format(first) else SKIP_NOT_IMAGE
+
+
+def check_output_place(src_uri: str, dst_uri: str) -> None:
+    """Refuse, before anything is written, a DST that is SRC itself and a SRC that is a
+    panoray output (a DST inside SRC is fine: the listing leaves it out)."""
+    if _relative_inside(src_uri, dst_uri) == "":
+        raise ValueError(f"the output {shown_uri(dst_uri)} is the input folder itself; write "
+                         "the output somewhere else (its files would be read as input)")
+    fs, root = filesystem_for(absolute(src_uri))
+    with storage_errors(src_uri):
+        _refuse_an_output(fs, root, src_uri)
+
+
+def _refuse_an_output(fs, root: str, src_uri: str) -> None:
+    if fs.exists(f"{root.rstrip('/')}/{OUTPUT_MARKER}"):
+        raise ValueError(f"{shown_uri(src_uri)} is a panoray output, not images; point at "
+                         "the images it was made from")
+
+
+def _relative_inside(src_uri: str, uri: str) -> str | None:
+    """``uri``'s path relative to SRC when it lies inside it on the same store ("" when it is
+    SRC itself), else None."""
+    src_fs, src_root = filesystem_for(absolute(src_uri))
+    fs, path = filesystem_for(absolute(uri))
+    if type(fs) is not type(src_fs) or split_endpoint(uri)[1] != split_endpoint(src_uri)[1]:
+        return None
+    src_root, path = src_root.rstrip("/"), path.rstrip("/")
+    if path == src_root:
+        return ""
+    return path[len(src_root) + 1 :] if path.startswith(src_root + "/") else None
 
 
 def _local_info(entry: os.DirEntry) -> dict:
@@ -295,6 +456,9 @@ def _single_file_shard(
 ) -> list[Shard]:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     kind = _kind_of(name)
+    if kind is None and _sniffed_kind(
+            name, lambda: fs.cat_file(path, start=0, end=SNIFF_BYTES)) == "files":
+        kind = "files"
     if kind is None:
         raise ValueError(
             f"{shown_uri(src_uri)} is neither a .tar or .parquet shard nor an image file "
@@ -333,10 +497,6 @@ def _kind_of(name: str) -> ShardKind | None:
     if image_extension(name) is not None:
         return "files"
     return None
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
 def _version(info: dict) -> str:

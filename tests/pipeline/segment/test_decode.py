@@ -200,3 +200,17 @@ def test_decode_batch_runs_in_ray_data_map_batches(ray_local, corpus):
     assert (rotated["width"], rotated["height"]) == bad_inputs.EXIF_UPRIGHT_SIZE
     assert rotated["image"].shape == (32, 48, 3)
     assert rows["empty.jpg"]["width"] is None and "empty" in rows["empty.jpg"]["error"]
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_decode_to_their_pixels(fmt):
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()  # for the encoder; the decoder registers on its own
+    rgb = np.zeros((48, 80, 3), np.uint8)
+    rgb[:, :40] = (200, 30, 30)
+    rgb[:, 40:] = (20, 180, 40)
+    data = _encode(Image.fromarray(rgb), fmt, quality=95)
+    out = decode_image(data)
+    assert (out.width, out.height) == (80, 48) and out.array.shape == (48, 80, 3)
+    assert np.abs(out.array.astype(int) - rgb).mean() < 8  # lossy, but the same picture

@@ -89,6 +89,37 @@ def test_a_committer_lost_after_its_commit_is_replaced_and_nothing_doubles(tmp_p
     assert not list(Path(dst, "_staging").rglob("*.parquet"))
 
 
+def test_output_inside_the_input_is_never_read_back(tmp_path, bundle, ray_local):
+    src = tmp_path / "photos"
+    write_images(src, ["a.jpg", "b.jpg", "_DSC0001.JPG"])
+    (src / ".DS_Store").write_bytes(b"x")
+    (src / "notes.txt").write_text("hello")
+    dst = str(src / "segments")
+    for _ in range(3):  # each run reads only the photos, never its own Parquet and PNGs
+        summary = run_segment(src=str(src), dst=dst, model=bundle, progress=False)
+        ids = read_output(dst).column("image_id").to_pylist()
+        assert sorted(ids) == ["_DSC0001.JPG", "a.jpg", "b.jpg"]
+    assert summary.skipped.counts == {"hidden": 1, "not an image": 1, "panoray output": 1}
+    assert "3 skipped" in summary.render()
+    with pytest.raises(ValueError, match="input folder itself"):
+        run_segment(src=str(src), dst=str(src), model=bundle, progress=False)
+
+
+def test_regrouped_files_leave_one_row_per_image(tmp_path, bundle, ray_local):
+    src, dst = tmp_path / "in", str(tmp_path / "out")
+    names = [f"img{i:03d}.jpg" for i in range(24)]
+    for i, name in enumerate(names):
+        write_images(src, [name], seed=i)
+    first = run_segment(src=str(src), dst=dst, model=bundle, files_per_shard=3, progress=False)
+    assert first.images_ok == 24 and first.shards_done > 4
+    # Every file changes shard: the new shards' rows replace the old shards' rows.
+    again = run_segment(src=str(src), dst=dst, model=bundle, files_per_shard=24,
+                        progress=False)
+    assert again.shards_done < first.shards_done
+    ids = read_output(dst).column("image_id").to_pylist()
+    assert sorted(ids) == names  # no duplicate, none missing
+
+
 def test_tar_shards_on_s3_to_parquet_on_s3(tmp_path, bundle, s3_bucket, s3_server, ray_local):
     s3 = boto3.client("s3", endpoint_url=s3_server)
     for shard in range(2):

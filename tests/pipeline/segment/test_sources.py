@@ -103,6 +103,65 @@ def test_every_shard_kind_lists_and_reads(source_uri):
     assert got["tables/part-0.parquet/z"]["image_uri"].endswith("part-0.parquet#z")
 
 
+JPEG_HEAD = b"\xff\xd8\xff\xe0" + bytes(40)
+HEIC_HEAD = b"\x00\x00\x00\x18ftypheic" + bytes(40)
+AVIF_HEAD = b"\x00\x00\x00\x1cftypavif" + bytes(40)
+# Every kind of name a camera roll or a data lake holds: what must be an input, what is skipped.
+ODD_TREE = {
+    "cam/_DSC0001.JPG": JPEG_HEAD,  # a camera's own name: an input, not a marker
+    "_raw/IMG_1.jpg": JPEG_HEAD,  # a folder starting with "_" is entered
+    "cam/IMG_0002": JPEG_HEAD,  # no extension: a JPEG by its first bytes
+    "cam/IMG_0003.dat": JPEG_HEAD,  # an extension that lies
+    "cam/p.jfif": JPEG_HEAD, "cam/q.jpe": JPEG_HEAD,
+    "cam/r.heic": HEIC_HEAD, "cam/s.avif": AVIF_HEAD,
+    "cam/README": b"just some words here",  # no extension, not an image
+    "cam/blob.bin": b"\x00\x01 not an image",
+    "cam/notes.txt": JPEG_HEAD,  # a known non-image extension is not opened
+    "cam/.DS_Store": b"x",
+    ".cache/a.jpg": JPEG_HEAD,
+    "cam/_SUCCESS": b"",
+    "lake/_temporary/0/part.jpg": JPEG_HEAD,
+    "lake/_delta_log/0.json": b"{}",
+    "old-run/_panoray_output.json": b"{}",  # an earlier panoray output inside SRC
+    "old-run/data/x.parquet": b"PAR1",
+    "me/out/data/y.parquet": b"PAR1",  # this job's own DST, passed as exclude
+}
+ODD_INPUTS = {"cam/_DSC0001.JPG", "_raw/IMG_1.jpg", "cam/IMG_0002", "cam/IMG_0003.dat",
+              "cam/p.jfif", "cam/q.jpe", "cam/r.heic", "cam/s.avif"}
+ODD_SKIPPED = {
+    "hidden": {".cache/", "cam/.DS_Store"},
+    "job marker": {"cam/_SUCCESS", "lake/_delta_log/", "lake/_temporary/"},
+    "not an image": {"cam/README", "cam/blob.bin", "cam/notes.txt"},
+    "panoray output": {"me/out/", "old-run/"},
+}
+
+
+def test_every_file_gets_a_row_or_a_reason(source_uri):
+    from pipeline.segment.sources import Skipped
+
+    _write_tree(source_uri, ODD_TREE)
+    skipped = Skipped()
+    shards = list_shards(source_uri, files_per_shard=4, exclude=f"{source_uri}/me/out",
+                         skipped=skipped)
+    assert {m for s in shards for m in s.members} == ODD_INPUTS
+    assert {reason: set(names) for reason, names in skipped.examples.items()} == ODD_SKIPPED
+    assert skipped.counts == {reason: len(names) for reason, names in ODD_SKIPPED.items()}
+    line = skipped.render()
+    assert line.startswith("10 skipped: ") and "\n" not in line
+
+
+def test_an_output_is_never_an_input(tmp_path):
+    from pipeline.segment.sources import check_output_place
+
+    _write_tree(str(tmp_path / "src"), {"a.jpg": JPEG_HEAD, "out/_panoray_output.json": b"{}"})
+    with pytest.raises(ValueError, match="is the input folder itself"):
+        check_output_place(str(tmp_path / "src"), str(tmp_path / "src") + "/")
+    with pytest.raises(ValueError, match="is a panoray output"):
+        check_output_place(str(tmp_path / "src" / "out"), str(tmp_path / "elsewhere"))
+    check_output_place(str(tmp_path / "src"), str(tmp_path / "src" / "out"))  # inside: fine
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_s3_endpoint_in_the_uri_works_and_stays_out_of_rows(s3_bucket, s3_server, monkeypatch):
     _write_tree(f"s3://{s3_bucket}/src", {"p/a.jpg": b"a"})
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
