@@ -171,14 +171,15 @@ def trial(seed: int, *, src: str, dst: str, bundle: str, upstream: str, referenc
                             result.driver_kills += 1
                         elif _kill_predictor():
                             result.actor_kills += 1
-                    proc.wait(timeout=timeout)
+                    if proc.wait(timeout=timeout) == 0:
+                        plan.clear()  # a kill still planned came too late: the job had ended
                 finally:
                     if proc.poll() is None:
                         _kill_group(proc)
                     else:
                         _kill_group(proc)  # the driver's Ray, if the driver was killed
             result.log_tail = log_path.read_text()[-3000:]
-            if proc.returncode == 0 and not plan:
+            if proc.returncode == 0:
                 break
         result.faults = {k: v for k, v in proxy.counts.items() if k != "forwarded" and v}
     rows = output_rows(dst)
