@@ -1,43 +1,438 @@
 """The `panoray` command line. Each command is a thin shell over a function in pipeline/ or
-jobs/; errors a user can make end with one sentence on stderr and exit status 2."""
+jobs/; errors a user can make end with one sentence on stderr and exit status 2.
+
+How a mistake becomes one sentence: each command first checks what it was given (`check_*`
+below: URI schemes, inputs that must exist, outputs that must not be files, a Ray address that
+must answer) before it creates anything, starts Ray or loads a model, raising `UserError`. Then
+`main` maps a few exception types that only ever describe the user's input (`_USER_ERRORS`) and
+the ValueErrors raised by the project's own validators (`_VALIDATORS`: functions that check
+parameters and inputs, e.g. the predictor pool's size against the cluster) to
+`panoray CMD: error: <one line>` and exit status 2. Everything else is a bug and keeps its
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 log = logging.getLogger("panoray")
+
+# The project's own loggers: `-v` sets these to DEBUG and nothing else (a library at DEBUG can
+# log secrets: botocore logs each request's Authorization header, access key id included).
+OWN_LOGGERS = ("panoray", "jobs", "pipeline", "model", "bench")
+PROBE_TIMEOUT_S = 3.0  # a Ray or dashboard address must accept a TCP connection this fast
 
 
 class UserError(Exception):
     """An error the user can fix; printed as one sentence, no traceback."""
 
 
+# (module, class) of exceptions that describe a user's mistake rather than a bug, looked up only
+# in modules already imported (an exception of a module never imported cannot be raised), so
+# that an early error costs no import of torch or Ray.
+_USER_ERRORS = (
+    ("jobs.spec", "SpecError"),
+    ("pipeline.segment.commits", "OutputLocked"),
+    ("model.bundle", "BundleError"),  # bad format, config or weights (mismatch too)
+    ("pipeline.segment.predictor", "PredictorError"),
+    ("model.convert_detectron2", "UnsafeCheckpointError"),
+    ("botocore.exceptions", "NoCredentialsError"),
+    ("botocore.exceptions", "PartialCredentialsError"),
+)
+
+# Functions (module -> qualified names) whose own ValueErrors are checks of the user's
+# parameters or inputs, each one sentence naming the value: such a ValueError raised directly
+# in one of them (the innermost frame of its traceback) is a user error. A ValueError from
+# anywhere else (numpy, a library, a Ray task) is not, and keeps its traceback.
+_VALIDATORS = {
+    "pipeline.params": {"check_params"},
+    "pipeline.segment.sources": {"list_shards", "check_output_place", "_refuse_an_output",
+                                 "_single_file_shard"},
+    "pipeline.segment.parquet": {"image_column", "id_column"},
+    "pipeline.segment.job": {"plan_resources"},
+    "pipeline.train.data": {"LSJConfig.__post_init__", "load_split"},
+    "pipeline.train.job": {"_default_cpus_per_worker"},
+    "pipeline.coco.synth": {"make_synthetic_dataset"},
+    "model.convert_detectron2": {"read_detectron2_pickle"},
+    "model.convert_hf": {"convert_hf", "config_from_hf", "_categories", "_backbone_config",
+                         "convert_hf_state_dict"},
+}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that describe a user's mistake rather than a bug."""
-    from jobs.spec import SpecError
-    from pipeline.segment.commits import OutputLocked
+    errors: list[type[BaseException]] = [UserError, FileNotFoundError, PermissionError]
+    for module_name, name in _USER_ERRORS:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return tuple(errors)
 
-    errors: list[type[BaseException]] = [UserError, SpecError, OutputLocked, FileNotFoundError,
-                                         PermissionError]
+
+def _raised_by_validator(error: BaseException) -> bool:
+    """Whether `error` was raised directly in one of the `_VALIDATORS`."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    return frame.f_code.co_qualname in _VALIDATORS.get(frame.f_globals.get("__name__"), ())
+
+
+def _is_unreachable_store(error: BaseException) -> bool:
+    """botocore could not connect to the S3 endpoint at all (nothing listens, DNS, timeout)."""
+    exceptions = sys.modules.get("botocore.exceptions")
+    return exceptions is not None and isinstance(error, exceptions.ConnectionError)
+
+
+def _one_line(error: BaseException) -> str:
+    from model.storage import redact
+
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    message = " ".join(message.split()) or type(error).__name__
+    if _is_unreachable_store(error):
+        message = (f"cannot reach the object store: {message}; check AWS_ENDPOINT_URL / "
+                   "AWS_ENDPOINT_URL_S3 or the URI's ?endpoint=")
+    return redact(message)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistake in the command line is one line on stderr (exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} "
+                     f"(see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+# ----------------------------------------------------------------- checks before anything runs
+
+def _filesystem(uri: str, what: str):
+    """(fsspec filesystem, path) of a URI the user gave as `what`; an unknown scheme or a
+    missing fsspec package is a UserError naming the URI."""
+    from model.storage import filesystem_for, shown_uri
+
     try:
-        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+        found = filesystem_for(uri)
+    except (ValueError, ImportError) as e:
+        message = " ".join(str(e).split())
+        shown = shown_uri(uri)
+        raise UserError(f"{what} {shown}: {message}" if shown not in message
+                        else f"{what}: {message}") from None
+    _check_endpoint(uri, what)
+    return found
 
-        errors += [NoCredentialsError, PartialCredentialsError]
-    except ImportError:
-        pass
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
+                    "all_proxy")
+
+
+def _check_endpoint(uri: str, what: str) -> None:
+    """An S3 endpoint set by the user (AWS_ENDPOINT_URL[_S3], ?endpoint=) must accept a TCP
+    connection: botocore retries a refused one for about a minute before it gives up. Not
+    probed: AWS's own endpoints, and any endpoint when a proxy is configured."""
+    from urllib.parse import urlsplit
+
+    from model.storage import s3_endpoint, shown_uri
+
+    if urlsplit(uri).scheme not in ("s3", "s3a") or any(os.environ.get(k)
+                                                         for k in _PROXY_VARIABLES):
+        return
+    endpoint = s3_endpoint(uri)
+    if not endpoint:
+        return
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
     try:
-        from model.bundle import BundleError  # bad format, config or weights (mismatch too)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise UserError(f"the S3 endpoint {endpoint} has an invalid port") from None
+    if parts.hostname:
+        _probe(parts.hostname, port, f"cannot reach the object store at {endpoint} (for "
+               f"{what} {shown_uri(uri)})")
 
-        errors.append(BundleError)
-    except ImportError:
+
+def _local_path(uri: str) -> str | None:
+    from model.storage import absolute, is_remote
+
+    return None if is_remote(uri) else absolute(uri)
+
+
+def _check_folder_target(uri: str, what: str) -> None:
+    """`uri` is where a folder gets written: it must not be a file, nor lie below one."""
+    from model.storage import shown_uri
+
+    fs, path = _filesystem(uri, what)
+    local = _local_path(uri)
+    if local is None:
+        if fs.isfile(path):
+            raise UserError(f"{what} {shown_uri(uri)} is an existing file; pass a folder "
+                            "(prefix) to write into")
+        return
+    for place in (local, *_parents(local)):
+        if os.path.exists(place):
+            if not os.path.isdir(place):
+                where = "is an existing file" if place == local else f"lies inside the file {place}"
+                raise UserError(f"{what} {uri} {where}; pass a folder to write into")
+            return
+
+
+def _check_file_target(uri: str, what: str) -> None:
+    """`uri` is a file to write: not a folder, and (locally) its folder must exist."""
+    _filesystem(uri, what)
+    local = _local_path(uri)
+    if local is None:
+        return
+    if os.path.isdir(local):
+        raise UserError(f"{what} {uri} is a folder; pass a file name to write")
+    folder = os.path.dirname(local)
+    if not os.path.isdir(folder):
+        raise UserError(f"{what} {uri}: the folder {folder} does not exist; create it first")
+
+
+def _parents(path: str) -> list[str]:
+    out = []
+    while (parent := os.path.dirname(path)) != path:
+        out.append(parent)
+        path = parent
+    return out
+
+
+def _read_json(uri: str, what: str, *, keys: tuple[str, ...] = ()) -> None:
+    """`uri` must be a JSON file (with `keys`, if it is an object)."""
+    import json
+
+    from model.storage import shown_uri
+
+    fs, path = _filesystem(uri, what)
+    if fs.isdir(path):
+        raise UserError(f"{what} {shown_uri(uri)} is a folder; pass the .json file")
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{what} {shown_uri(uri)} does not exist") from None
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {shown_uri(uri)} is not JSON ({e}); pass a COCO panoptic "
+                        ".json file") from None
+    missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise UserError(f"{what} {shown_uri(uri)} is not COCO panoptic JSON: it has no "
+                        f"{missing[0]!r}")
+
+
+def _check_ray_address(address: str | None, what: str = "--address") -> None:
+    """A Ray address given as host:port (or ray://host:port) must accept a TCP connection;
+    ray.init would otherwise wait for minutes for a cluster that is not there."""
+    if not address or address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # a form Ray resolves itself
+    _probe(host.strip("[]") or "127.0.0.1", int(port),
+           f"cannot reach a Ray cluster at {what} {address}")
+
+
+def _probe(host: str, port: int, failure: str) -> None:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise UserError(f"{failure}: nothing answers on {host}:{port} "
+                        f"({e.strerror or e or 'timed out'})") from None
+
+
+def _check_bundle(uri: str, what: str = "--model") -> None:
+    """A model bundle (config.json read and checked; the weights are not loaded)."""
+    from model.storage import shown_uri
+
+    fs, path = _filesystem(uri, what)
+    if fs.isfile(path):
+        raise UserError(f"{what} {shown_uri(uri)} is a file; a model bundle is a folder with "
+                        "config.json and model.safetensors")
+    from model.bundle import read_bundle_config
+
+    read_bundle_config(uri)  # BundleError / FileNotFoundError: one sentence naming the URI
+
+
+class _FirstShard(Exception):
+    pass
+
+
+def _check_source(src: str, *, files_per_shard: int, image_column: str | None) -> None:
+    """SRC holds image inputs. A local folder is listed up to its first shard (and its first
+    Parquet footer checked); remote stores get one request, so a big archive is not listed
+    twice (the job's own listing then reports what is wrong inside it)."""
+    from model.storage import shown_uri, storage_errors
+
+    fs, root = _filesystem(src, "SRC")
+    if _local_path(src) is None:
+        with storage_errors(src):
+            try:
+                fs.info(root)
+            except FileNotFoundError:
+                raise UserError(f"nothing found at {shown_uri(src)}; check the path (and "
+                                "bucket name)") from None
+        return
+    from pipeline.segment.parquet import check_columns
+    from pipeline.segment.sources import list_shards
+
+    first = []
+
+    def stop(shard) -> None:
+        first.append(shard)
+        raise _FirstShard
+
+    try:
+        list_shards(src, files_per_shard=files_per_shard, image_column=image_column,
+                    on_shard=stop)
+    except _FirstShard:
         pass
-    from pipeline.segment.predictor import PredictorError
+    if first and first[0].kind == "parquet":
+        check_columns(first[0])  # a missing --image-column: ValueError of a validator
 
-    return (*errors, PredictorError)
+
+def check_segment(p) -> None:
+    """Everything about a segment job that can be checked before it takes DST's lock."""
+    _filesystem(p.src, "SRC")
+    _check_folder_target(p.dst, "DST")
+    if not p.predictor:
+        _filesystem(p.model, "--model")
+    ray = sys.modules.get("ray")
+    if not (ray is not None and ray.is_initialized()):  # else the job uses that Ray
+        _check_ray_address(p.address or os.environ.get("RAY_ADDRESS"),
+                           "--address" if p.address else "RAY_ADDRESS")
+    _check_source(p.src, files_per_shard=p.files_per_shard, image_column=p.image_column)
+    if p.predictor and isinstance(p.predictor, str):
+        from pipeline.segment.predictor import load_predictor
+
+        load_predictor(p.predictor)  # PredictorError: one sentence
+    elif not p.predictor:
+        _check_bundle(p.model)
+
+
+def check_finetune(p) -> None:
+    """Everything about a finetune job that can be checked before Ray starts."""
+    from model.config import PRESETS
+
+    if "://" not in p.model and "/" not in p.model:
+        _check_preset(p.model)
+    _filesystem(p.train, "--train")
+    if p.val:
+        _filesystem(p.val, "--val")
+    _check_folder_target(p.storage, "--storage")
+    if p.model not in PRESETS:
+        _filesystem(p.model, "--model")
+    _check_ray_address(p.address)
+    from model.storage import shown_uri
+    from pipeline.train.data import LSJConfig, split_layout
+
+    LSJConfig(crop_size=p.crop_size, min_scale=p.min_scale, max_scale=p.max_scale)
+    for uri, what in ((p.train, "--train"), (p.val, "--val")):
+        if not uri:
+            continue
+        fs, path = _filesystem(uri, what)
+        if not fs.exists(path):
+            raise UserError(f"{what} {shown_uri(uri)} does not exist; a split is a COCO "
+                            "panoptic folder (panoptic.json, images/, panoptic/)")
+        split_layout(uri)  # FileNotFoundError naming what is missing (val: read by the
+        # workers only, minutes later)
+    if p.model not in PRESETS:
+        _check_bundle(p.model)
+
+
+@contextlib.contextmanager
+def _recording_sigint() -> Iterator[threading.Event]:
+    """Notes a Ctrl-C even where a library installs its own SIGINT handler for the time being
+    (Ray Train's trainer.fit aborts the run on SIGINT and then exits the process with status 0
+    or 1 and no word): the handler it installs is wrapped so that the event is set first."""
+    import signal
+
+    interrupted = threading.Event()
+    install = signal.signal
+
+    def recording(signum, handler):
+        if signum == signal.SIGINT and callable(handler):
+            inner = handler
+
+            def handler(sig, frame):
+                interrupted.set()
+                return inner(sig, frame)
+        return install(signum, handler)
+
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal = recording
+    try:
+        yield interrupted
+    finally:
+        signal.signal = install
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            install(signal.SIGINT, previous)
+
+
+def _exists(uri: str) -> bool:
+    """Whether anything is at `uri` (True when that cannot be told)."""
+    local = _local_path(uri)
+    if local is not None:
+        return os.path.exists(local)
+    try:
+        fs, path = _filesystem(uri, "DST")
+        return fs.exists(path)
+    except Exception:  # noqa: BLE001 - unknown: then nothing is ever removed
+        return True
+
+
+def _remove_if_left_empty(uri: str) -> None:
+    """Remove an output this run created and left without any data (a refused run): empty
+    folders and the output's own marker, nothing else (os.rmdir never removes a folder that
+    holds a file). Never raises: the run's own error is what the user must see."""
+    try:
+        from pipeline.segment.shards import OUTPUT_MARKER
+    except ImportError:
+        OUTPUT_MARKER = None  # noqa: N806
+    try:
+        local = _local_path(uri)
+        if local is None:
+            fs, path = _filesystem(uri, "DST")
+            marker = f"{path.rstrip('/')}/{OUTPUT_MARKER}"
+            if OUTPUT_MARKER and fs.find(path) == [marker]:
+                fs.rm_file(marker)
+            return
+        for root, _, files in os.walk(local, topdown=False):
+            if root == local and OUTPUT_MARKER and files == [OUTPUT_MARKER]:
+                os.remove(os.path.join(root, OUTPUT_MARKER))
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
+    except Exception as e:  # noqa: BLE001
+        log.debug("could not remove the empty output %s: %s", uri, e)
 
 
 def _add_param_flags(p: argparse.ArgumentParser, cls: type) -> None:
@@ -106,10 +501,17 @@ def _add_segment(sub) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    params = _job_params("segment", args)
+    check_segment(params)
     from pipeline.segment.job import run_segment
 
-    params = _job_params("segment", args)
-    summary = run_segment(params=params, progress=not args.no_progress)
+    created = not _exists(params.dst)
+    try:
+        summary = run_segment(params=params, progress=not args.no_progress)
+    except BaseException:
+        if created:  # refused after the lock was taken (e.g. too many actors for the cluster)
+            _remove_if_left_empty(params.dst)
+        raise
     print(summary.render())
     return 0 if summary.images_failed == 0 or summary.images_ok > 0 else 1
 
@@ -127,12 +529,19 @@ def _add_finetune(sub) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    params = _job_params("finetune", args)
+    check_finetune(params)
     from pipeline.train.job import run_finetune
 
-    params = _job_params("finetune", args)
-    if "://" not in params.model and "/" not in params.model:
-        _check_preset(params.model)
-    result = run_finetune(params=params)
+    with _recording_sigint() as interrupted:
+        try:
+            result = run_finetune(params=params)
+        except BaseException:
+            if interrupted.is_set():  # Ray Train's own Ctrl-C handling ends in SystemExit
+                raise KeyboardInterrupt from None
+            raise
+    if interrupted.is_set():  # an aborted run returns: it did not finish
+        raise KeyboardInterrupt
     metrics = result.get("metrics") or {}
     print(f"finetune {result['name']}: step {result['step']} (started at "
           f"{result['start_step']}); final bundle {result['final_bundle']}")
@@ -146,14 +555,15 @@ def _add_synth(sub) -> None:
                        description="Write a synthetic panoptic dataset (train and val splits, "
                        "COCO panoptic format) at DST; deterministic by seed.")
     p.add_argument("dst", help="output URI")
-    p.add_argument("--train", type=int, default=200, help="train images")
-    p.add_argument("--val", type=int, default=40, help="val images")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--train", type=_at_least(0), default=200, help="train images")
+    p.add_argument("--val", type=_at_least(0), default=40, help="val images")
+    p.add_argument("--size", type=_at_least(64), default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    _check_folder_target(args.dst, "DST")
     from pipeline.coco.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(args.dst, num_train=args.train, num_val=args.val,
@@ -175,11 +585,23 @@ def _add_convert(sub) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from model.bundle import load_state_dict_into, save_bundle
-    from model.mask2former import build_model
+    import pickle
+
     from model.storage import shown_uri
 
+    fs, path = _filesystem(args.src, "SRC")
+    shown = shown_uri(args.src)
+    _check_folder_target(args.dst, "DST")
     if args.fmt == "hf":
+        local = _local_path(args.src)
+        if local is None:
+            raise UserError(f"SRC {shown}: --from hf reads a local save_pretrained folder; "
+                            "download it first")
+        if not os.path.isdir(local):
+            if os.path.exists(local):
+                raise UserError(f"SRC {shown} is a file; --from hf takes a Hugging Face "
+                                "save_pretrained folder (config.json + model.safetensors)")
+            raise UserError(f"SRC {shown} does not exist")
         from model.convert_hf import convert_hf
 
         config, state_dict = convert_hf(args.src)
@@ -187,10 +609,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not args.preset:
             raise UserError("a detectron2 .pkl holds no architecture: pass --preset, e.g. "
                             "--preset r50-coco-panoptic")
-        from model.convert_detectron2 import convert_detectron2
-
         _check_preset(args.preset)
-        config, state_dict = convert_detectron2(args.src, preset=args.preset)
+        if fs.isdir(path):
+            raise UserError(f"SRC {shown} is a folder; --from detectron2 takes the .pkl file")
+        if not fs.exists(path):
+            raise UserError(f"SRC {shown} does not exist")
+        from model.convert_detectron2 import UnsafeCheckpointError, convert_detectron2
+
+        try:
+            config, state_dict = convert_detectron2(args.src, preset=args.preset)
+        except UnsafeCheckpointError as e:
+            raise UserError(f"SRC {shown}: {e}") from None
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise UserError(f"SRC {shown} is not a detectron2 .pkl checkpoint "
+                            f"({e or 'the file ends early'})") from None
+    from model.bundle import load_state_dict_into, save_bundle
+    from model.mask2former import build_model
+
     net = build_model(config)
     load_state_dict_into(net, state_dict)
     model_id = save_bundle(net, args.dst, name=args.name)
@@ -211,9 +646,39 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def check_evaluate(args: argparse.Namespace) -> None:
+    """PRED, GT, their PNG folders and --out, before any image is read."""
+    from model.storage import join, shown_uri
+
+    def folder_of(json_uri: str, given: str | None, what: str) -> None:
+        folder = given or (json_uri[: -len(".json")] if json_uri.endswith(".json") else None)
+        if folder is None:
+            raise UserError(f"cannot tell where the PNGs of {shown_uri(json_uri)} are (it does "
+                            f"not end in .json); pass {what}")
+        fs, path = _filesystem(folder, what)
+        if not fs.isdir(path):
+            raise UserError(f"no PNG folder at {shown_uri(folder)}" +
+                            ("" if given else f"; pass {what}"))
+
+    if args.pred.endswith(".json"):
+        _read_json(args.pred, "PRED", keys=("annotations",))
+    else:
+        fs, path = _filesystem(join(args.pred, "data"), "PRED")
+        if not fs.isdir(path):
+            raise UserError(f"no segment output under {shown_uri(args.pred)}/data; run "
+                            "`panoray segment` first, or pass a prediction .json")
+    _read_json(args.gt, "GT", keys=("annotations", "categories"))
+    folder_of(args.gt, args.gt_folder, "--gt-folder")
+    if args.pred.endswith(".json"):
+        folder_of(args.pred, args.pred_folder, "--pred-folder")
+    if args.out:
+        _check_file_target(args.out, "--out")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
+    check_evaluate(args)
     from pipeline.evaluate import format_pq_table, pq_compute
     from pipeline.segment.output import evaluate_output, results_json
 
@@ -243,11 +708,22 @@ def _add_show(sub) -> None:
     p.add_argument("dst", help="folder/URI for the PNGs")
     p.add_argument("--model", help="bundle whose config.json names and colours the classes")
     p.add_argument("--categories", help="or a COCO JSON with categories")
-    p.add_argument("--limit", type=int, default=16)
+    p.add_argument("--limit", type=_at_least(1), default=16, help="images drawn (default 16)")
     p.set_defaults(func=cmd_show)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from model.storage import join, shown_uri
+
+    fs, path = _filesystem(join(args.output, "data"), "OUTPUT")
+    if not fs.isdir(path):
+        raise UserError(f"no segment output under {shown_uri(args.output)}/data; run "
+                        "`panoray segment` first")
+    _check_folder_target(args.dst, "DST")
+    if args.model:
+        _check_bundle(args.model)
+    if args.categories:
+        _read_json(args.categories, "--categories")
     from pipeline.segment.show import show
 
     summary = show(args.output, args.dst, model=args.model, categories=args.categories,
@@ -268,7 +744,30 @@ def _add_submit(sub) -> None:
     p.set_defaults(func=cmd_submit)
 
 
+def check_submit_address(address: str) -> None:
+    """The dashboard's URL: http(s)://host:port that accepts a connection (a Ray address
+    without a scheme would make the Jobs client wait for a GCS for a minute)."""
+    from urllib.parse import urlsplit
+
+    if "://" not in address:
+        raise UserError(f"--address {address} is not a URL; add http:// (the dashboard's URL, "
+                        f"e.g. http://{address})")
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https", "ray"):
+        raise UserError(f"--address {address}: use the dashboard's http:// URL, e.g. "
+                        "http://HEAD:8265")
+    try:
+        port = parts.port or {"http": 80, "https": 443, "ray": 10001}[parts.scheme]
+    except ValueError:
+        raise UserError(f"--address {address} has an invalid port") from None
+    _probe(parts.hostname or "127.0.0.1", port, f"cannot reach a Ray cluster at {address}")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.spec import load_spec
+
+    load_spec(args.spec)  # a mistake in the spec is named before the cluster is contacted
+    check_submit_address(args.address)
     from jobs.submit import submit
 
     try:
@@ -285,12 +784,13 @@ def _add_demo(sub) -> None:
                        description="Synthetic archive -> model -> segment on a local Ray -> PQ "
                        "-> overlays; prints where everything is.")
     p.add_argument("--out", default="demo-out", help="where everything goes (default demo-out)")
-    p.add_argument("--train-steps", type=int, help="train tiny this many steps instead of "
-                   "using the shipped demo bundle")
+    p.add_argument("--train-steps", type=_at_least(1), help="train tiny this many steps "
+                   "instead of using the shipped demo bundle")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _check_folder_target(args.out, "--out")
     from jobs.demo import run_demo
 
     run_demo(out=args.out, train_steps=args.train_steps)
@@ -305,11 +805,12 @@ def _check_preset(name: str) -> None:
 
 
 def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="panoray",
         description="Mask2Former panoptic segmentation of image archives on Ray, and "
         "fine-tuning with the same model code.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging of panoray's own modules (libraries stay at INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_segment, _add_finetune, _add_evaluate, _add_show, _add_synth, _add_convert,
                 _add_submit, _add_demo, *extra):
@@ -317,22 +818,52 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+class _Redacting(logging.Filter):
+    """Takes credentials (as `model.storage.redact` knows them) out of every record printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted stays as it is
+            return True
+        from model.storage import redact
+
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO on stderr; `verbose`: DEBUG for panoray's own loggers only (OWN_LOGGERS). Libraries
+    stay at INFO whatever the flag: botocore at DEBUG logs request headers, credentials in
+    them."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", datefmt="%H:%M:%S")
+    for handler in root.handlers:
+        if handler not in before:  # ours: a host's own handlers (pytest's...) are left alone
+            handler.addFilter(_Redacting())
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("panoray: interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as e:
-        from model.storage import redact
-
-        message = redact(str(e).strip() or type(e).__name__).splitlines()[0]
-        print(f"panoray {args.command}: error: {message}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - only user errors are caught, the rest re-raised
+        user_error = isinstance(e, _user_errors()) or _is_unreachable_store(e) or (
+            isinstance(e, ValueError) and _raised_by_validator(e))
+        if not user_error:
+            raise
+        print(f"panoray {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -106,19 +106,43 @@ def parse_spec(data: dict, *, source: str = "<dict>") -> JobSpec:
         raise SpecError(f"{source}: missing required key {missing[0]!r} in a {kind} spec")
     args = {k: _coerce(k, *hints[k], fields[k].metadata["minimum"], v, source)
             for k, v in data.items()}
-    return JobSpec(kind=kind, args=cls(**args), runtime_env=runtime_env, source=source)
+    try:
+        params = cls(**args)
+    except ValueError as e:  # the params' own checks (pipeline.params.check_params): choices
+        raise SpecError(f"{source}: {e}") from None
+    return JobSpec(kind=kind, args=params, runtime_env=runtime_env, source=source)
 
 
 def load_spec(path: str | Path) -> JobSpec:
     """Read and check a YAML job spec file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise SpecError(f"job spec {path} does not exist") from None
+    except IsADirectoryError:
+        raise SpecError(f"job spec {path} is a folder; pass a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"job spec {path} is not a text file ({e.reason} at byte "
+                        f"{e.start})") from None
+    except OSError as e:
+        raise SpecError(f"cannot read job spec {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError(f"{path} is not valid YAML: {e}") from None
+        raise SpecError(_yaml_error(path, e)) from None
     return parse_spec(data, source=str(path))
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
+    """One line that keeps where in the file the YAML goes wrong (line and column, 1-based)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or not problem:
+        return f"{path} is not valid YAML: {' '.join(str(error).split())}"
+    context = getattr(error, "context", None)
+    return (f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
+            + (f" ({context})" if context else ""))
 
 
 def spec_to_dict(spec: JobSpec) -> dict:

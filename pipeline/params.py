@@ -189,7 +189,7 @@ class FinetuneParams:
     backbone_lr_multiplier: float = param(0.1, "backbone lr = lr * this", minimum=0)
     warmup_steps: int = param(10, "linear warmup steps before the poly schedule", minimum=0)
     clip_grad: float = param(0.01, "full-model gradient norm clipping", minimum=0)
-    crop_size: int = param(256, "LSJ crop side (pixels)", minimum=1)
+    crop_size: int = param(256, "LSJ crop side (pixels)", minimum=32)
     min_scale: float = param(0.1, "LSJ random scale range: lower end", minimum=0)
     max_scale: float = param(2.0, "LSJ random scale range: upper end", minimum=0)
     num_points: int | None = param(None, "points sampled per mask for matching and the mask "
@@ -202,7 +202,8 @@ class FinetuneParams:
     checkpoint_every: int = param(100, "steps between checkpoints", minimum=1)
     eval_every: int = param(0, "steps between validation PQ (0: only at the end)", minimum=0)
     num_to_keep: int = param(2, "checkpoints kept", minimum=1)
-    max_failures: int = param(2, "worker group restarts from the latest checkpoint (-1: no limit)")
+    max_failures: int = param(2, "worker group restarts from the latest checkpoint (-1: no limit)",
+                              minimum=-1)
     seed: int = param(0, "seed of the initial weights, the data order and the augmentation")
     address: str | None = param(None, "Ray cluster address (default: a Ray instance of its own)")
 
