@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 LOCK := constraints.txt
 
-.PHONY: setup test lint bench demo clean lock
+.PHONY: setup test lint bench demo clean lock gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -50,6 +50,18 @@ bench: setup
 	$(PY) bench/segment_job.py
 	$(PY) bench/encode.py
 	$(PY) bench/train.py
+
+# Everything about the GPU path that needs a real GPU (see bench/gpu_check.py): run on a GPU
+# machine with PyTorch preinstalled; without a GPU it says so and fails. gpu-wheels: the few
+# packages such a machine may lack, as Python 3.12 wheels, made here (network) to carry along.
+GPU_PY := $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py --report gpu-check-report.md
+
+gpu-wheels:
+	$(PIP) download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d gpu-wheels \
+	  numpy safetensors pyyaml scipy pytest fsspec pillow
 
 # The README's first command: the whole product on synthetic data (see jobs/demo.py).
 demo: setup

@@ -58,11 +58,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = tiny_bundle(f"{tmp}/bundle")
         src = "s3://bench/in"
-        ids = make_archive(src, tars=4, per_tar=4, loose=8)
+        ids = make_archive(src, tars=4, per_tar=8, loose=16)
         reference = clean_run(src, "s3://bench/clean", bundle)
         ray.shutdown()  # each trial's job starts a Ray of its own
         assert [r[0] for r in reference] == ids, "the clean run lost rows"
-        print(f"archive: {len(ids)} images in 4 tars + 8 loose files; clean run: "
+        print(f"archive: {len(ids)} images in 4 tars + 16 loose files; clean run: "
               f"{len(reference)} rows")
         print(f"{'trial':>5} {'runs':>4} {'driver':>6} {'actor':>5} {'faults':>6}  "
               f"{'rows':>4} {'dup':>3} {'lost':>4} {'diff':>4} {'s':>6}  injected")
@@ -75,7 +75,7 @@ def main() -> None:
             rates = {"slowdown": 0.03 * scale, "error": 0.03 * scale, "reset": 0.02 * scale,
                      "reset_after": 0.02 * scale, "slow": 0.03 * scale}
             t = trial(seed, src=src, dst=f"s3://bench/out-{seed}", bundle=bundle,
-                      upstream=endpoint, reference=reference, shards=10,
+                      upstream=endpoint, reference=reference, shards=12,
                       kill_driver=kill_driver, kill_actor=kill_actor, rates=rates)
             injected = sum(t.faults.values())
             print(f"{n:>5} {t.runs:>4} {t.driver_kills:>6} {t.actor_kills:>5} {injected:>6}  "

@@ -103,7 +103,7 @@ def run_once(op: Op, inputs: dict[str, torch.Tensor], *, backward: bool) -> list
 
 
 def _grad_output(out: torch.Tensor) -> torch.Tensor:
-    return torch.linspace(-1, 1, out.numel()).view_as(out)
+    return torch.linspace(-1, 1, out.numel(), device=out.device, dtype=out.dtype).view_as(out)
 
 
 def check_agreement(table: dict[str, Op], inputs: dict[str, torch.Tensor]) -> None:

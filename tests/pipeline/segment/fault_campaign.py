@@ -74,6 +74,15 @@ def committed(uri: str) -> int:
         return 0
 
 
+def staged(uri: str) -> bool:
+    """Whether any part is staged (the job is segmenting)."""
+    fs, root = get_filesystem(uri)
+    try:
+        return any(p.endswith(".parquet") for p in fs.find(f"{root}/_staging"))
+    except FileNotFoundError:
+        return False
+
+
 def env() -> dict:
     out = dict(os.environ)
     out["PYTHONPATH"] = os.pathsep.join([str(REPO), out.get("PYTHONPATH", "")])
@@ -159,10 +168,13 @@ def trial(seed: int, *, src: str, dst: str, bundle: str, upstream: str, referenc
                                         stderr=subprocess.STDOUT, start_new_session=True)
                 try:
                     while plan and proc.poll() is None:
-                        target = committed(dst) + rng.randint(0, max(0, shards // 2))
-                        while committed(dst) < target and proc.poll() is None:
-                            time.sleep(0.1)
-                        time.sleep(rng.uniform(0, 1.5))
+                        # After 0..shards/2 more commits; "0": once the first part is staged.
+                        more = rng.randint(0, max(0, shards // 2))
+                        target = committed(dst) + more
+                        while proc.poll() is None and (
+                                committed(dst) < target if more else not staged(dst)):
+                            time.sleep(0.05)
+                        time.sleep(rng.uniform(0, 0.3))
                         if proc.poll() is not None:
                             break
                         what = plan.pop(0)
