@@ -62,13 +62,13 @@ def ray_head(tmp_path):
                 time.sleep(1)
         yield url
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
             try:
                 os.killpg(head.pid, sig)
             except ProcessLookupError:
                 break
             try:
-                head.wait(timeout=30)
+                head.wait(timeout=grace)
                 break
             except subprocess.TimeoutExpired:
                 continue

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -168,16 +169,34 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(ray_local, synth_local, t
     # working directory, so the job must make them absolute (val is read there at the end).
     monkeypatch.chdir(tmp_path)
     data = os.path.relpath(synth_local, tmp_path)
+    # And inside the resumed run, its worker process is SIGKILLed once a newer checkpoint is
+    # in: Ray Train restarts the worker group from the newest checkpoint and the steps go on.
+    worker_killed = threading.Event()
+
+    def kill_the_worker_after_a_new_checkpoint() -> None:
+        import psutil
+
+        deadline = time.monotonic() + 300
+        while latest_step(run_uri) <= killed_at and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for p in psutil.process_iter(["cmdline"]):
+            if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or ()):
+                p.kill()
+                worker_killed.set()
+
+    threading.Thread(target=kill_the_worker_after_a_new_checkpoint, daemon=True).start()
     result = run_finetune(train=f"{data}/train", val=f"{data}/val", storage="runs",
-                          name="killed", steps=6, batch_size=1, num_workers=1,
-                          checkpoint_every=2, **SMALL)
+                          name="killed", steps=8, batch_size=1, num_workers=1,
+                          checkpoint_every=2, max_failures=1, **SMALL)
+    assert worker_killed.is_set(), "the worker was never killed"
     assert result["final_bundle"] == f"{storage}/killed/final"
     assert "pq" in result["metrics"]
     assert result["start_step"] == killed_at
-    assert result["step"] == 6
+    assert result["step"] == 8
     steps = [h["step"] for h in result["history"]]
-    assert steps == sorted(steps) and steps[-1] == 6 and killed_at in steps
-    assert latest_step(run_uri) == 6
+    # no step is repeated beyond the last checkpoint: each step's report is in history once
+    assert steps == sorted(set(steps)) and steps[-1] == 8 and killed_at in steps
+    assert latest_step(run_uri) == 8
     assert load_bundle(result["final_bundle"]).config.num_classes == 8
 
 
