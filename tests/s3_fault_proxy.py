@@ -59,7 +59,7 @@ class FaultProxy:
         class Handler(_Handler):
             owner = proxy
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True,
                          name="s3-fault-proxy").start()
@@ -93,6 +93,11 @@ class FaultProxy:
                     return fate
             self.counts["forwarded"] += 1
             return "forwarded"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client killed mid-request (the campaign SIGKILLs drivers) is no news
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -123,10 +123,11 @@ class PanopticPredictor:
         sizes = [(int(im.shape[0]), int(im.shape[1])) for im in resized]
         results: list[Any] = [None] * len(images)
         div = self.config.size_divisibility
-        for batch in plan_batches(sizes, batch_size=self.batch_size, divisibility=div):
-            padded = _padded((max(sizes[i][0] for i in batch), max(sizes[i][1] for i in batch)),
-                             div)
-            x = self._canvas([resized[i] for i in batch], padded)
+        batches = plan_batches(sizes, batch_size=self.batch_size, divisibility=div)
+        paddings = [_padded((max(sizes[i][0] for i in b), max(sizes[i][1] for i in b)), div)
+                    for b in batches]
+        staged = self._staged_canvases([[resized[i] for i in b] for b in batches], paddings)
+        for batch, padded, x in zip(batches, paddings, staged):
             with self._autocast():
                 out = self.model(x, aux_outputs=False)
             done = postprocess_batch(
@@ -136,10 +137,53 @@ class PanopticPredictor:
                 padded_size=padded, isthing=self.isthing, category_ids=self.category_ids,
                 object_mask_threshold=inference.object_mask_threshold,
                 overlap_threshold=inference.overlap_threshold)
-            for i, result in zip(batch, done):
-                seg, info = result["panoptic_seg"]
-                results[i] = (seg.cpu().numpy().astype(np.int32), info)
+            # The id maps leave the device once per batch, in one stream of copies.
+            maps = [result["panoptic_seg"][0].to("cpu", non_blocking=True) for result in done]
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            for i, result, seg in zip(batch, done, maps):
+                results[i] = (seg.numpy().astype(np.int32), result["panoptic_seg"][1])
         return results
+
+    def _staged_canvases(self, groups: list[list[np.ndarray]], paddings: list[Size]):
+        """The batches' canvases on the device, one at a time (a generator).
+
+        On a GPU the uint8 pixels of batch k + 1 are laid out in pinned host memory and copied
+        on a side stream while batch k computes; the compute stream waits for that copy only
+        when it needs the batch. On other devices each canvas is built when it is needed."""
+        if self.device.type != "cuda":
+            for images, padded in zip(groups, paddings):
+                yield self._canvas(images, padded)
+            return
+        copy_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+
+        def stage(images, padded):
+            host = torch.empty((len(images), *padded, 3), dtype=torch.uint8).pin_memory()
+            host.zero_()
+            for row, image in enumerate(images):
+                h, w = image.shape[:2]
+                host[row, :h, :w] = torch.from_numpy(np.require(image, requirements=["C"]))
+            with torch.cuda.stream(copy_stream):
+                return host, host.to(self.device, non_blocking=True), [im.shape[:2]
+                                                                        for im in images]
+
+        pending = stage(groups[0], paddings[0]) if groups else None
+        for k, padded in enumerate(paddings):
+            host, device_pixels, shapes = pending
+            pending = stage(groups[k + 1], paddings[k + 1]) if k + 1 < len(groups) else None
+            compute.wait_stream(copy_stream)
+            device_pixels.record_stream(compute)
+            yield self._canvas_from_device(device_pixels, shapes, padded)
+            del host  # its copy is done once the compute stream has passed the wait
+
+    def _canvas_from_device(self, pixels: torch.Tensor, shapes, padded: Size) -> torch.Tensor:
+        """:meth:`_canvas` from (B, *padded, 3) uint8 pixels already on the device."""
+        mean = torch.tensor(self.config.pixel_mean, dtype=torch.float32, device=self.device)
+        x = mean.view(1, 3, 1, 1).repeat(pixels.shape[0], 1, *padded)
+        for row, (h, w) in enumerate(shapes):
+            x[row, :, :h, :w] = pixels[row, :h, :w].permute(2, 0, 1)
+        return x
 
     def _canvas(self, images: Sequence[np.ndarray], padded: Size) -> torch.Tensor:
         """(B, 3, *padded) float32 on the device: the images top-left, the rest the mean colour.
