@@ -60,6 +60,8 @@ _VALIDATORS = {
     "pipeline.train.data": {"LSJConfig.__post_init__", "load_split"},
     "pipeline.train.job": {"_default_cpus_per_worker"},
     "pipeline.coco.synth": {"make_synthetic_dataset"},
+    "pipeline.coco.categories": {"read_categories", "parse_categories"},
+    "pipeline.segment.export": {"load_label_space", "scan_output", "export_output"},
     "model.convert_detectron2": {"read_detectron2_pickle"},
     "model.convert_hf": {"convert_hf", "config_from_hf", "_categories", "_backbone_config",
                          "convert_hf_state_dict"},
@@ -79,13 +81,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _raised_by_validator(error: BaseException) -> bool:
     """Whether `error` was raised directly in one of the `_VALIDATORS`."""
+    module, qualname = _raised_in(error)
+    return qualname in _VALIDATORS.get(module, ())
+
+
+def _raised_in(error: BaseException) -> tuple[str | None, str | None]:
+    """(module, qualified name) of the function that raised `error` (its innermost frame)."""
     tb = error.__traceback__
     if tb is None:
-        return False
+        return None, None
     while tb.tb_next is not None:
         tb = tb.tb_next
     frame = tb.tb_frame
-    return frame.f_code.co_qualname in _VALIDATORS.get(frame.f_globals.get("__name__"), ())
+    return frame.f_globals.get("__name__"), frame.f_code.co_qualname
 
 
 def _is_unreachable_store(error: BaseException) -> bool:
@@ -581,6 +589,9 @@ def _add_convert(sub) -> None:
     p.add_argument("dst", help="bundle URI to write")
     p.add_argument("--preset", help="architecture of a detectron2 .pkl (e.g. r50-coco-panoptic)")
     p.add_argument("--name", help="bundle name (default: the preset / folder name)")
+    p.add_argument("--categories", metavar="FILE", help="the label space, for a checkpoint "
+                   "trained on other labels: a JSON list of {id, name, isthing, color} in label "
+                   "order, or a COCO panoptic JSON holding \"categories\"")
     p.set_defaults(func=cmd_convert)
 
 
@@ -592,6 +603,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     fs, path = _filesystem(args.src, "SRC")
     shown = shown_uri(args.src)
     _check_folder_target(args.dst, "DST")
+    categories = None
+    if args.categories:
+        _read_json(args.categories, "--categories")
+        from pipeline.coco.categories import model_categories, read_categories
+
+        categories = model_categories(read_categories(args.categories))
     if args.fmt == "hf":
         local = _local_path(args.src)
         if local is None:
@@ -604,7 +621,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise UserError(f"SRC {shown} does not exist")
         from model.convert_hf import convert_hf
 
-        config, state_dict = convert_hf(args.src)
+        try:
+            config, state_dict = convert_hf(args.src, categories=categories)
+        except ValueError as e:
+            if _raised_in(e) != ("model.convert_hf", "_categories"):
+                raise
+            if args.categories:  # the file's count differs from the checkpoint's classes
+                raise UserError(f"--categories {shown_uri(args.categories)}: {e}") from None
+            raise UserError(f"SRC {shown}: the checkpoint's config.json does not say which "
+                            "classes are things; pass --categories FILE (a JSON list of {id, "
+                            "name, isthing, color} in label order, or a COCO panoptic JSON "
+                            "holding \"categories\")") from None
     else:
         if not args.preset:
             raise UserError("a detectron2 .pkl holds no architecture: pass --preset, e.g. "
@@ -617,7 +644,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from model.convert_detectron2 import UnsafeCheckpointError, convert_detectron2
 
         try:
-            config, state_dict = convert_detectron2(args.src, preset=args.preset)
+            config, state_dict = convert_detectron2(args.src, preset=args.preset,
+                                                    categories=categories)
         except UnsafeCheckpointError as e:
             raise UserError(f"SRC {shown}: {e}") from None
         except (pickle.UnpicklingError, EOFError) as e:
@@ -734,6 +762,51 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a segment output as COCO panoptic / instances or "
+                       "semantic PNGs", description="Write the ok rows of a segment output as "
+                       "files other tools read, at any URI: coco-panoptic (panoptic.json + "
+                       "panoptic/*.png), coco-instances (instances.json, RLE masks of thing "
+                       "classes) or semantic-png (SegmentationClass/*.png of class indices, 0 = "
+                       "void, + classes.json and CVAT's labelmap.txt). Error rows are skipped "
+                       "and counted.")
+    p.add_argument("output", metavar="OUT", help="segment output URI")
+    p.add_argument("dst", metavar="DST", help="folder/URI to write the export into")
+    p.add_argument("--format", dest="export_format", default="coco-panoptic",
+                   choices=["coco-panoptic", "coco-instances", "semantic-png"],
+                   help="what to write (default: coco-panoptic)")
+    p.add_argument("--model", help="bundle whose config.json gives the label space")
+    p.add_argument("--categories", metavar="FILE", help="or a JSON file of categories (a list "
+                   "of {id, name, isthing, color} in label order, or a COCO JSON)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.storage import join, shown_uri
+
+    fs, path = _filesystem(join(args.output, "data"), "OUT")
+    if not fs.isdir(path):
+        raise UserError(f"no segment output under {shown_uri(args.output)}/data; run "
+                        "`panoray segment` first")
+    _check_folder_target(args.dst, "DST")
+    if shown_uri(args.dst).rstrip("/") == shown_uri(args.output).rstrip("/"):
+        raise UserError(f"DST {shown_uri(args.dst)} is the segment output itself; pass another "
+                        "folder to export into")
+    if bool(args.model) == bool(args.categories):
+        raise UserError("export needs the label space once: pass --model BUNDLE or "
+                        "--categories FILE" + (", not both" if args.model else ""))
+    if args.model:
+        _check_bundle(args.model)
+    else:
+        _read_json(args.categories, "--categories")
+    from pipeline.segment.export import export_output
+
+    summary = export_output(args.output, args.dst, format=args.export_format, model=args.model,
+                            categories=args.categories)
+    print(summary.render())
+    return 0 if summary.images > 0 or summary.errors_skipped == 0 else 1
+
+
 def _add_submit(sub) -> None:
     p = sub.add_parser("submit", help="run a job spec on a running Ray cluster (Jobs API)",
                        description="Check SPEC locally, then submit it to the Ray cluster whose "
@@ -812,8 +885,8 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging of panoray's own modules (libraries stay at INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_segment, _add_finetune, _add_evaluate, _add_show, _add_synth, _add_convert,
-                _add_submit, _add_demo, *extra):
+    for add in (_add_segment, _add_finetune, _add_evaluate, _add_show, _add_export, _add_synth,
+                _add_convert, _add_submit, _add_demo, *extra):
         add(sub)
     return parser
 

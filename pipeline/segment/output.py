@@ -9,8 +9,11 @@ the counts say how many.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +23,7 @@ import pyarrow.parquet as pq
 from model.storage import get_filesystem, join
 from pipeline.coco.panoptic_io import decode_panoptic_png, load_coco_panoptic, read_panoptic_png
 from pipeline.evaluate import PQStat, format_pq_table, pq_image_stat, pq_results
+from pipeline.segment.shards import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,31 @@ def _stem(uri: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def read_output_rows(output_uri: str, columns: list[str] | None = None) -> list[dict]:
-    """Every committed row of a segment output (DST/data/*.parquet)."""
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_STEM_CHARS = 96  # of the readable part of a file name; the hash keeps names unique
+
+
+def image_file_stem(image_id: str) -> str:
+    """A file name (without extension) for what is written per row: unique per image_id and
+    the same on every run, safe on any filesystem or object store.
+
+    The image_id made readable (``/`` -> ``__``, other characters outside ``A-Za-z0-9._-`` ->
+    ``_``, an image extension of its last part dropped, at most 96 characters from its end),
+    then ``-`` and 10 hex digits of the image_id's SHA-1: ``shard-0001.tar/000000139`` ->
+    ``shard-0001.tar__000000139-<hash>``; ``a/b.jpg`` and ``a__b.jpg`` stay apart.
+    """
+    digest = hashlib.sha1(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    head, _, last = image_id.rpartition("/")
+    base, dot, ext = last.rpartition(".")
+    if dot and base and ext.lower() in IMAGE_EXTENSIONS:
+        last = base
+    parts = [p for p in (*head.split("/"), last) if p]
+    readable = "__".join(_UNSAFE.sub("_", p) for p in parts)[-_STEM_CHARS:].lstrip("._-")
+    return f"{readable or 'image'}-{digest}"
+
+
+def output_files(output_uri: str) -> tuple[Any, list[str]]:
+    """(filesystem, sorted paths) of the committed Parquet files of a segment output."""
     fs, path = get_filesystem(join(output_uri, "data"))
     try:
         files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
@@ -55,6 +82,23 @@ def read_output_rows(output_uri: str, columns: list[str] | None = None) -> list[
     if not files:
         raise FileNotFoundError(f"no segment output under {output_uri}/data; run "
                                 "`panoray segment` first")
+    return fs, files
+
+
+def iter_output_rows(output_uri: str, columns: list[str] | None = None, *,
+                     batch_size: int = 64) -> Iterator[dict]:
+    """Every committed row of a segment output, streamed (`batch_size` rows in memory), in a
+    fixed order: files by name, rows as committed."""
+    fs, files = output_files(output_uri)
+    for p in files:
+        with fs.open(p) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
+                yield from batch.to_pylist()
+
+
+def read_output_rows(output_uri: str, columns: list[str] | None = None) -> list[dict]:
+    """Every committed row of a segment output (DST/data/*.parquet)."""
+    fs, files = output_files(output_uri)
     rows: list[dict] = []
     for p in files:
         with fs.open(p) as f:

@@ -15,7 +15,7 @@ from model.storage import get_filesystem, join
 from pipeline.coco.overlay import contact_sheet, render_overlay
 from pipeline.coco.panoptic_io import decode_panoptic_png
 from pipeline.segment.decode import DecodeError, decode_image
-from pipeline.segment.output import read_output_rows
+from pipeline.segment.output import image_file_stem, read_output_rows
 from pipeline.segment.sources import iter_shard_records, list_shards
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,10 @@ def fetch_images(image_uris: Iterable[str]) -> dict[str, bytes]:
 
 def show(output_uri: str, dst: str, *, model: str | None = None, categories: str | None = None,
          limit: int = 16, columns: int = 4) -> ShowSummary:
-    """Write overlays of up to `limit` ok rows of `output_uri` into `dst` plus a contact sheet."""
+    """Write overlays of up to `limit` ok rows of `output_uri` into `dst` plus a contact sheet.
+
+    Each overlay is named by :func:`~pipeline.segment.output.image_file_stem` of its row's
+    image_id, so every member of a tar or Parquet shard gets its own picture."""
     cats = load_categories(model=model, categories=categories)
     rows = [r for r in read_output_rows(output_uri) if r["status"] == "ok"]
     rows.sort(key=lambda r: r["image_id"])
@@ -84,7 +87,7 @@ def show(output_uri: str, dst: str, *, model: str | None = None, categories: str
             skipped.append(row["image_uri"])
             image = np.full((*ids.shape, 3), 96, dtype=np.uint8)  # still show the segmentation
         picture = render_overlay(image, ids, row["segments_info"], cats)
-        name = row["image_id"].replace("/", "__").rsplit(".", 1)[0] + ".png"
+        name = image_file_stem(row["image_id"]) + ".png"  # one per image, stable
         buf = io.BytesIO()
         picture.save(buf, format="PNG")
         fs.pipe_file(f"{root.rstrip('/')}/{name}", buf.getvalue())

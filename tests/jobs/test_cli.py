@@ -8,7 +8,8 @@ import pytest
 
 from jobs.cli import main
 
-COMMANDS = ("segment", "finetune", "evaluate", "show", "synth", "convert", "submit", "demo")
+COMMANDS = ("segment", "finetune", "evaluate", "show", "export", "synth", "convert", "submit",
+            "demo")
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
