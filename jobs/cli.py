@@ -333,9 +333,10 @@ def check_segment(p) -> None:
     if not p.predictor:
         _filesystem(p.model, "--model")
     ray = sys.modules.get("ray")
-    if not (ray is not None and ray.is_initialized()):  # else the job uses that Ray
-        _check_ray_address(p.address or os.environ.get("RAY_ADDRESS"),
-                           "--address" if p.address else "RAY_ADDRESS")
+    if p.address:  # an address given on the command line is checked whatever else runs
+        _check_ray_address(p.address, "--address")
+    elif not (ray is not None and ray.is_initialized()):  # else the job uses that Ray
+        _check_ray_address(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
     _check_source(p.src, files_per_shard=p.files_per_shard, image_column=p.image_column)
     if p.predictor and isinstance(p.predictor, str):
         from pipeline.segment.predictor import load_predictor
@@ -907,6 +908,19 @@ class _Redacting(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when a record is emitted: `main` may run
+    in a host (a notebook, a test) that swaps stderr after the handler was installed."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: bool) -> None:
     """INFO on stderr; `verbose`: DEBUG for panoray's own loggers only (OWN_LOGGERS). Libraries
     stay at INFO whatever the flag: botocore at DEBUG logs request headers, credentials in
@@ -914,7 +928,7 @@ def configure_logging(verbose: bool) -> None:
     root = logging.getLogger()
     before = set(root.handlers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s", datefmt="%H:%M:%S")
+                        "%(message)s", datefmt="%H:%M:%S", handlers=[_StderrHandler()])
     for handler in root.handlers:
         if handler not in before:  # ours: a host's own handlers (pytest's...) are left alone
             handler.addFilter(_Redacting())

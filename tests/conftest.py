@@ -12,6 +12,26 @@ import pytest
 SAMPLE_DIR = Path(__file__).resolve().parent / "data" / "coco-panoptic-sample"
 
 
+@pytest.fixture(autouse=True)
+def _no_log_handler_on_a_closed_capture():
+    """A library that set up its log handler while pytest was capturing (Ray does, on import)
+    keeps writing to that capture file after pytest has closed it; from a thread that outlives
+    its test (Ray Data's progress reporter) every record then prints "--- Logging error ---"
+    and a traceback into whatever test runs next. Point such handlers at the real stderr."""
+    import logging
+    import sys
+
+    yield
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
+                with handler.lock:  # not setStream: it would flush the closed file
+                    handler.stream = sys.__stderr__
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
