@@ -90,9 +90,10 @@ def env() -> dict:
     return out
 
 
-def segment_cmd(src: str, dst: str, bundle: str) -> list[str]:
+def segment_cmd(src: str, dst: str, bundle: str, address: str | None = None) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", "segment", src, dst, "--model", bundle,
-            "--files-per-shard", "2", "--batch-size", "2", "--no-progress"]
+            "--files-per-shard", "2", "--batch-size", "2", "--no-progress",
+            *(["--address", address] if address else [])]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -144,15 +145,18 @@ def clean_run(src: str, dst: str, bundle: str) -> list[tuple]:
 
 def trial(seed: int, *, src: str, dst: str, bundle: str, upstream: str, reference: list[tuple],
           shards: int, kill_driver: bool = True, kill_actor: bool = False,
-          rates: dict | None = None, max_runs: int = 5, timeout: float = 600) -> Trial:
+          rates: dict | None = None, max_runs: int = 5, timeout: float = 600,
+          address: str | None = None) -> Trial:
     """One seeded trial (src / dst: s3:// URIs without an endpoint; `upstream`: the S3 server
-    the proxy forwards to). Kills happen after a random number of shards is committed."""
+    the proxy forwards to). Kills happen after a random number of shards is committed.
+    `address`: a running Ray cluster for the job's drivers (a killed driver takes its job's
+    tasks and actors with it, the cluster stays); None: each run starts a Ray of its own."""
     rng = random.Random(seed)
     result = Trial(seed=seed)
     started = time.monotonic()
     with FaultProxy(upstream, seed=seed, slow_s=0.2, **(rates or RATES)) as proxy:
         via = f"?endpoint={proxy.url}"
-        cmd = segment_cmd(src + via, dst + via, bundle)
+        cmd = segment_cmd(src + via, dst + via, bundle, address)
         plan = []  # what to kill, in order, each after a random number of commits
         if kill_driver:
             plan.append("driver")
@@ -173,7 +177,7 @@ def trial(seed: int, *, src: str, dst: str, bundle: str, upstream: str, referenc
                         target = committed(dst) + more
                         while proc.poll() is None and (
                                 committed(dst) < target if more else not staged(dst)):
-                            time.sleep(0.05)
+                            time.sleep(0.1)
                         time.sleep(rng.uniform(0, 0.3))
                         if proc.poll() is not None:
                             break

@@ -21,8 +21,12 @@ def test_a_short_fault_campaign_loses_nothing_and_doubles_nothing(tmp_path, s3_s
     ids = make_archive(src, tars=2, per_tar=3, loose=4)
     reference = clean_run(src, f"s3://{s3_bucket}/clean", bundle)
     assert [r[0] for r in reference] == ids and {r[1] for r in reference} == {"ok"}
+    # The drivers join the tests' Ray (no Ray start per run); lower rates than the bench's.
     result = trial(11, src=src, dst=f"s3://{s3_bucket}/out", bundle=bundle,
-                   upstream=s3_server, reference=reference, shards=4, kill_driver=True)
+                   upstream=s3_server, reference=reference, shards=4, kill_driver=True,
+                   address=ray_local.get_runtime_context().gcs_address,
+                   rates={"slowdown": 0.02, "error": 0.02, "reset": 0.015,
+                          "reset_after": 0.015, "slow": 0.02})
     assert result.driver_kills == 1 and result.runs >= 2, result
     assert sum(result.faults.values()) >= 5, result.faults  # the store really was flaky
     assert (result.rows, result.duplicates, result.missing, result.differing) == (
