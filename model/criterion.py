@@ -12,6 +12,10 @@ supervision is on) the criterion
 Aux layers give `loss_ce_0`, `loss_mask_0`, `loss_dice_0`, ... in decoder order. `total_loss`
 applies the weights.
 
+The matching is the host's part (scipy's Hungarian algorithm on the CPU); the rest runs on the
+predictions' device. `match` does it alone and `forward(..., matches=...)` takes its result, so
+the loss proper can be traced whole (`torch.compile(fullgraph=True)`, fake tensors).
+
 Batch independence (for data-parallel training): with one generator per image, every image
 draws its points from its own generator in a fixed order (per layer: matcher, then mask loss),
 and with `num_masks` / `class_weight_sum` given as averages over workers, the loss of a batch is
@@ -35,6 +39,7 @@ from model.point_sampling import (
     point_sample,
     uncertain_point_coords_with_randomness,
 )
+from model.tracing import tracing
 
 Matches = list[tuple[Tensor, Tensor]]
 LOSS_NAMES = ("loss_ce", "loss_mask", "loss_dice")
@@ -119,6 +124,7 @@ class SetCriterion(nn.Module):
         num_masks: float | Tensor,
         class_weight_sum: float | Tensor | None = None,
         generators: Sequence[torch.Generator] | None = None,
+        matches: Sequence[Matches] | None = None,
     ) -> dict[str, Tensor]:
         """Unweighted loss terms for every supervised decoder layer.
 
@@ -134,6 +140,9 @@ class SetCriterion(nn.Module):
             generators: B generators, one per image, for the random points (the global RNG when
                 None). Consumed in the order: final layer, then aux layers 0, 1, ...; for each
                 layer the matcher's points, then the mask loss points.
+            matches: the assignments `match` made for these outputs and targets, one per
+                supervised layer; the matcher is not run then (nor does anything leave the
+                device), and the generators give only the mask loss points.
 
         Returns:
             {"loss_ce", "loss_mask", "loss_dice"} plus the same names suffixed "_0", "_1", ...
@@ -151,11 +160,12 @@ class SetCriterion(nn.Module):
         # Float masks on the predictions' device once, not once per layer in matcher and loss.
         targets = [{**t, "masks": t["masks"].to(device=device, dtype=torch.float32)}
                    for t in targets]
-        layers = [(outputs, "")]
-        if self.deep_supervision:
-            layers += [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        layers = self._supervised_layers(outputs)
+        if matches is not None and len(matches) != len(layers):
+            raise ValueError(f"got matches for {len(matches)} layers but the outputs have "
+                             f"{len(layers)} supervised layers; pass what `match` returned")
         losses = {}
-        for layer, suffix in layers:
+        for i, (layer, suffix) in enumerate(layers):
             layer_losses = self._layer_losses(
                 layer["pred_logits"],
                 layer["pred_masks"],
@@ -163,9 +173,33 @@ class SetCriterion(nn.Module):
                 num_masks=num_masks_t,
                 class_weight_sum=weight_sum,
                 generators=generators,
+                matches=None if matches is None else matches[i],
             )
             losses.update({name + suffix: value for name, value in layer_losses.items()})
         return losses
+
+    @torch.no_grad()
+    def match(
+        self,
+        outputs: dict,
+        targets: Sequence[dict[str, Tensor]],
+        *,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> list[Matches]:
+        """The matcher's assignment for every supervised layer (final first, then aux 0, 1,
+        ...), for `forward(..., matches=...)`. This is the host step of the loss: the cost
+        matrices go to the CPU for scipy. The generators give the matcher's points of every
+        layer in turn (so its draws come in another order than in a plain `forward`)."""
+        self._check_targets(targets, batch_size=outputs["pred_logits"].shape[0])
+        return [self.matcher(layer["pred_logits"], layer["pred_masks"], targets,
+                             generators=generators)
+                for layer, _ in self._supervised_layers(outputs)]
+
+    def _supervised_layers(self, outputs: dict) -> list[tuple[dict, str]]:
+        layers = [(outputs, "")]
+        if self.deep_supervision:
+            layers += [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        return layers
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
         """Weighted sum of the terms returned by `forward` (aux terms share their base weight)."""
@@ -206,9 +240,11 @@ class SetCriterion(nn.Module):
         num_masks: Tensor,
         class_weight_sum: Tensor | None,
         generators: Sequence[torch.Generator] | None,
+        matches: Matches | None,
     ) -> dict[str, Tensor]:
         """loss_ce, loss_mask, loss_dice of one decoder layer; computed in float32."""
-        matches = self.matcher(pred_logits, pred_masks, targets, generators=generators)
+        if matches is None:
+            matches = self.matcher(pred_logits, pred_masks, targets, generators=generators)
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):
             loss_ce = self._class_loss(
                 pred_logits.float(), targets, matches, class_weight_sum=class_weight_sum
@@ -293,6 +329,8 @@ class SetCriterion(nn.Module):
                     f"target {i}: masks of shape {tuple(masks.shape)} do not match "
                     f"{labels.shape[0]} labels; give one (H, W) mask per label"
                 )
+            if tracing():  # the label range is a value check: the eager run makes it
+                continue
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(
                     f"target {i}: labels must be contiguous class indices in "

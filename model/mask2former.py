@@ -96,7 +96,17 @@ class Mask2Former(nn.Module):
 
         aux_outputs=False is for inference, where only the last prediction counts: the earlier
         ones are not made at full resolution and "aux_outputs" is an empty list (see
-        `MultiScaleMaskedTransformerDecoder.forward`)."""
+        `MultiScaleMaskedTransformerDecoder.forward`). Training or inference is this argument
+        and `self.training` (dropout, drop path), never the autograd mode, so one forward
+        serves eager, `torch.compile(fullgraph=True)` and `torch.export`.
+
+        Dtypes: the logits and masks come out in the parameters' dtype, or under autocast in
+        its dtype (the class head and the mask product are autocast matmuls); callers that
+        need float32 (post-processing, the loss) convert. Under CUDA autocast the pixel
+        decoder runs its convolutions and linear layers in the autocast dtype and the
+        deformable attention op gets float16 under float16 autocast and float32 under
+        bfloat16 (`model.pixel_decoder.op_dtype`). The forward creates tensors on the
+        images' device only and never reads a value back to the host."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = (images - self.pixel_mean) / self.pixel_std

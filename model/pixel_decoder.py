@@ -9,6 +9,7 @@ Module names follow the reference (`input_proj.0.0`, `transformer.level_embed`,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from model.ops import ms_deform_attn
 from model.position_encoding import sine_position_embedding
+from model.tracing import cached_per_size
 
 
 class MSDeformAttn(nn.Module):
@@ -70,8 +72,12 @@ class MSDeformAttn(nn.Module):
         locations = torch.addcdiv(reference_points[:, :, None, None, None, :], offsets,
                                   normalizer[None, None, None, :, None, :])  # (B, Q, nH, L, P, 2)
         dtype = op_dtype(value.device.type, value.dtype)
+        # No value check of spatial_shapes / level_start_index: on CUDA it would read them back
+        # to the host (a synchronisation) in every layer. The encoder makes them from the maps'
+        # shapes; the CPU kernel checks them anyway and the CUDA kernels never read outside value.
         out = ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index,
-                             locations.to(dtype), weights.to(dtype))  # (B, Q, C)
+                             locations.to(dtype), weights.to(dtype),
+                             check_level_values=False)  # (B, Q, C)
         return self.output_proj(out)
 
 
@@ -120,17 +126,29 @@ class MSDeformAttnEncoder(nn.Module):
 
     def forward(self, src: Tensor, pos: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """src (B, S, C); pos (1, S, C); shapes [(h, w)] per level. Returns (B, S, C)."""
-        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=src.device)  # (L, 2)
-        sizes = [h * w for h, w in shapes]
-        level_start_index = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))],
-                                         dtype=torch.long, device=src.device)  # (L,)
-        reference_points = _reference_points(shapes, src.device)  # (1, S, 2)
+        spatial_shapes, level_start_index, reference_points = _level_tensors(
+            tuple(map(tuple, shapes)), src.device)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
         return src
 
 
-def _reference_points(shapes: list[tuple[int, int]], device: torch.device) -> Tensor:
+@cached_per_size
+def _level_tensors(shapes: tuple[tuple[int, int], ...],
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """spatial_shapes (L, 2) int64 (h, w), level_start_index (L,) int64 and the reference
+    points (1, S, 2) of levels `shapes`, made on `device` from Python numbers by fills rather
+    than copied from host memory (on CUDA a copy from pageable memory synchronises)."""
+    spatial_shapes = torch.empty((len(shapes), 2), dtype=torch.long, device=device)
+    for lvl, (h, w) in enumerate(shapes):
+        spatial_shapes[lvl, 0].fill_(h)
+        spatial_shapes[lvl, 1].fill_(w)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = sizes.cumsum(0) - sizes  # exclusive cumsum
+    return spatial_shapes, level_start_index, _reference_points(shapes, device)
+
+
+def _reference_points(shapes: Sequence[tuple[int, int]], device: torch.device) -> Tensor:
     """(1, S, 2) pixel centres (x, y) normalised to [0, 1], levels concatenated."""
     points = []
     for h, w in shapes:

@@ -2,15 +2,18 @@
 
 The embedding depends only on the feature map's size, so it is computed once per size (and
 cached) rather than once per image: no padding mask is used, as in the reference at inference.
+The cache (`model.tracing.cached_per_size`) keeps nothing while the model is traced
+(`torch.compile`, `torch.export`, fake tensors), and serves inference and training alike.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
+
+from model.tracing import cached_per_size
 
 
 def sine_position_embedding(height: int, width: int, num_feats: int, *, device: torch.device,
@@ -19,16 +22,12 @@ def sine_position_embedding(height: int, width: int, num_feats: int, *, device: 
 
     Computed in float32 (as the reference) and cast to `dtype`; cached per size and device.
     """
-    return _cached(height, width, num_feats, torch.device(device), dtype, float(temperature),
-                   torch.is_inference_mode_enabled())
+    return _embedding(height, width, num_feats, torch.device(device), dtype, float(temperature))
 
 
-@functools.lru_cache(maxsize=32)
-def _cached(height: int, width: int, num_feats: int, device: torch.device, dtype: torch.dtype,
-            temperature: float, inference: bool) -> Tensor:
-    # `inference` is part of the key: tensors made under inference_mode must not leak into
-    # autograd-recorded code.
-    del inference
+@cached_per_size
+def _embedding(height: int, width: int, num_feats: int, device: torch.device, dtype: torch.dtype,
+               temperature: float) -> Tensor:
     eps, scale = 1e-6, 2 * math.pi
     y = torch.arange(1, height + 1, dtype=torch.float32, device=device)
     x = torch.arange(1, width + 1, dtype=torch.float32, device=device)

@@ -237,6 +237,29 @@ def test_low_precision_outputs_give_float32_losses():
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
 
 
+def test_given_matches_replace_the_matcher():
+    """`match` (the host step) then `forward(matches=...)` gives the plain forward's losses: the
+    same assignments, and with seeded generators the same mask-loss points."""
+    g = torch.Generator().manual_seed(9)
+    outputs = random_outputs(g, batch=2, num_aux=2)
+    targets = box_targets(g, [2, 3])
+    criterion = small_criterion()
+    matches = criterion.match(outputs, targets)
+    assert len(matches) == 3 and all(len(layer) == 2 for layer in matches)
+    assert [len(q) for q, _ in matches[0]] == [2, 3]
+
+    layers = iter(matches)  # the matcher's assignments again, layer by layer
+    frozen = SetCriterion(num_classes=K, matcher=lambda *args, **kwargs: next(layers),
+                          num_points=POINTS)
+    plain = frozen(outputs, targets, num_masks=5, generators=seeded_generators(seeds=[1, 2]))
+    given = criterion(outputs, targets, num_masks=5, generators=seeded_generators(seeds=[1, 2]),
+                      matches=matches)
+    assert set(given) == set(plain)
+    assert all(torch.equal(given[k], plain[k]) for k in plain)
+    with pytest.raises(ValueError, match="got matches for 1 layers but the outputs have 3"):
+        criterion(outputs, targets, num_masks=5, matches=matches[:1])
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
