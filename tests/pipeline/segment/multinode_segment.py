@@ -1,7 +1,6 @@
 """Run by test_segment_failures: a segment job on a 3-node local cluster that loses, mid-shard
 (right after the first part is staged), a worker node (MODE "node") or the predictor actor's
-process (MODE "actor", SIGKILL); "actor,node" loses the actor, then, once one more shard is
-committed, the node its successor runs on.
+process (MODE "actor", SIGKILL).
 
 Usage: python multinode_segment.py SRC DST BUNDLE REPORT [MODE]. Writes what happened as JSON to
 REPORT (not stdout: the raylets of the killed node share this process's stdout and print to it).
@@ -22,8 +21,6 @@ from pipeline.segment.job import run_segment
 
 
 def main(src: str, dst: str, bundle: str, report: str, mode: str = "node") -> None:
-    import psutil
-
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
@@ -42,39 +39,24 @@ def main(src: str, dst: str, bundle: str, report: str, mode: str = "node") -> No
         except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
             killed["error"] = repr(e)
 
-    def predictor_actor():
-        # The predictor actor's process, found by its title (no state API: it is slow here).
-        while True:
-            found = next((p for p in psutil.process_iter(["cmdline"])
-                          if "MapWorker(MapBatches(PredictStage))" in
-                          " ".join(p.info["cmdline"] or ())), None)
-            if found is not None:
-                return found
-            time.sleep(0.05)
-
     def kill() -> None:
+        import psutil
+
         data = Path(dst) / "data"
-        for n, what in enumerate(mode.split(",")):
-            if n == 0:
-                while not staged():
-                    time.sleep(0.02)
-                killed["committed_before"] = len(list(data.glob("*.parquet")))
-            else:  # the next loss after one more shard is committed
-                done = len(list(data.glob("*.parquet")))
-                while len(list(data.glob("*.parquet"))) <= done:
-                    time.sleep(0.05)
-            actor = predictor_actor()
-            if what == "actor":
-                actor.kill()
-                killed["pid"] = actor.pid
-            else:  # the worker node whose raylet started the actor, else any worker node
-                raylets = {w: w.all_processes["raylet"][0].process.pid for w in workers}
-                victim = next((w for w, pid in raylets.items() if pid == actor.ppid()),
-                              workers[0])
-                killed["had_predictor"] = raylets[victim] == actor.ppid()
-                cluster.remove_node(victim, allow_graceful=False)
-                workers.remove(victim)
-            killed.setdefault("what", []).append(what)
+        while not staged():
+            time.sleep(0.02)
+        # The predictor actor's process, found by its title (no state API: it is slow here).
+        actor = next(p for p in psutil.process_iter(["cmdline"])
+                     if "MapWorker(MapBatches(PredictStage))" in " ".join(p.info["cmdline"] or ()))
+        killed["committed_before"] = len(list(data.glob("*.parquet")))
+        if mode == "actor":
+            actor.kill()
+            killed["pid"] = actor.pid
+        else:  # the worker node whose raylet started the actor, else any worker node
+            raylets = {w: w.all_processes["raylet"][0].process.pid for w in workers}
+            victim = next((w for w, pid in raylets.items() if pid == actor.ppid()), workers[0])
+            killed["had_predictor"] = raylets[victim] == actor.ppid()
+            cluster.remove_node(victim, allow_graceful=False)
         killed["at"] = time.time()
 
     threading.Thread(target=kill_after_first_part, daemon=True).start()

@@ -1,4 +1,4 @@
-"""Exactly once through failures: the predictor actor SIGKILLed and a worker node lost mid-run
+"""Exactly once through failures: a worker node lost, or the predictor actor SIGKILLed, mid-shard
 (a SIGKILLed driver, with a flaky S3: test_fault_campaign.py)."""
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ def _env() -> dict:
 
 
 @pytest.mark.slow
-def test_the_predictor_actor_then_its_node_lost_mid_run_still_give_each_input_once(tmp_path):
+@pytest.mark.parametrize("mode", ["node", "actor"])
+def test_a_node_or_the_predictor_actor_lost_mid_shard_still_gives_each_input_once(tmp_path,
+                                                                                   mode):
     import json
 
-    mode = "actor,node"
     bundle = tiny_bundle(str(tmp_path / "bundle"))
     src, dst = tmp_path / "in", tmp_path / "out"
     names = [f"d{i // 2}/img{i:02d}.jpg" for i in range(16)]
@@ -38,7 +39,7 @@ def test_the_predictor_actor_then_its_node_lost_mid_run_still_give_each_input_on
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(report_file.read_text())
-    assert report["killed"].get("what") == ["actor", "node"], report["killed"]
+    assert "at" in report["killed"], f"no {mode} was killed: {report['killed']}"
     assert report["killed"]["committed_before"] < 8, "the kill came after the job's end"
     ids = read_output(str(dst)).column("image_id").to_pylist()
     assert sorted(ids) == sorted(names)  # every input once: nothing lost, nothing twice

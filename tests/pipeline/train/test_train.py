@@ -91,6 +91,7 @@ def _single_process_run(train: str, *, steps: int, batch_size: int) -> dict[str,
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_two_workers_on_s3_step_like_one_process_with_the_whole_batch(ray_s3, s3_bucket,
                                                                      one_thread):
     data = f"s3://{s3_bucket}/synth"
@@ -141,6 +142,7 @@ KILLABLE_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint(ray_local, synth_local, tmp_path,
                                                        monkeypatch):
     storage = str(tmp_path / "runs")
