@@ -7,12 +7,16 @@ actors, and it works just as well without Ray::
     results = predictor.predict([photo_hwc_uint8, ...])     # photos of any size
     id_map, segments_info = results[0]                       # id_map at the photo's size
 
-The predictor owns the test-time resize (the bundle's `inference.min_size` / `max_size`, with
-:func:`pipeline.segment.decode.resize_image`), so a photo gets the same answer here, in the
-segment job and in evaluation during training. Resized images are batched by their padded size
-(the model pads to a multiple of 32), so an image's result is the one it gets alone: its
-batch-mates never change its canvas (batched matrix products may still round differently, which
-flipped one pixel in ~250,000 on the COCO sample).
+The predictor owns the test-time resize (the bundle's `inference.min_size` / `max_size`), so a
+photo gets the same answer here, in the segment job and in evaluation during training. On the
+CPU it is :func:`pipeline.segment.decode.resize_image` (Pillow's bilinear, which measured
+faster there); on a GPU the original uint8 photo goes to the device (pinned memory, a side
+stream) and is resized there by :func:`resize_on_device` (the same antialiased bilinear filter,
+rounded to uint8 as Pillow does; pixels within one level of Pillow's), so the host only lays
+bytes out. Resized images are batched by their padded size (the model pads to a multiple of
+32), so an image's result is the one it gets alone: its batch-mates never change its canvas
+(batched matrix products may still round differently, which flipped one pixel in ~250,000 on
+the COCO sample).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 from model.postprocess import postprocess_batch
-from pipeline.segment.decode import resize_image
+from pipeline.segment.decode import resize_image, resized_size
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +80,13 @@ class PanopticPredictor:
         amp: autocast (bfloat16 where supported, else float16) on CUDA; default on for CUDA.
         threads: torch intra-op threads on the CPU (Ray sets OMP_NUM_THREADS to the actor's CPU
             reservation; a predictor that should use more cores says so here).
+        device_resize: resize on the device (:func:`resize_on_device`) rather than on the host
+            with Pillow; default on for CUDA, off on the CPU.
     """
 
     def __init__(self, bundle: str | None = None, *, model: torch.nn.Module | None = None,
                  device: str | None = None, batch_size: int = 4, amp: bool | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, device_resize: bool | None = None):
         if (bundle is None) == (model is None):
             raise ValueError("pass exactly one of a bundle URI or a model")
         if threads:
@@ -95,6 +101,8 @@ class PanopticPredictor:
         self.model_id = getattr(model, "model_id", None) or self.config.name
         self.batch_size = batch_size
         self.amp = (self.device.type == "cuda") if amp is None else amp
+        self.device_resize = (self.device.type == "cuda") if device_resize is None \
+            else device_resize
         cats = self.config.categories
         self.isthing = [c.isthing for c in cats]
         self.category_ids = [c.id for c in cats]
@@ -111,22 +119,31 @@ class PanopticPredictor:
     def predict(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, list]]:
         """Segment photos: each (H, W, 3) uint8 RGB, of any size.
 
-        Each photo is resized to the model's test size (`inference.min_size` / `max_size`, with
-        :func:`pipeline.segment.decode.resize_image`), segmented, and its id map brought back to
-        the photo's size. Returns, per photo in input order, (id map (H, W) int32, segments_info:
-        a list of {id, category_id, isthing, score}, one per segment id in the map).
+        Each photo is resized to the model's test size (`inference.min_size` / `max_size`: on
+        the host with :func:`pipeline.segment.decode.resize_image`, or on the device with
+        :func:`resize_on_device`), segmented, and its id map brought back to the photo's size.
+        Returns, per photo in input order, (id map (H, W) int32, segments_info: a list of {id,
+        category_id, isthing, score}, one per segment id in the map).
         """
         inference = self.config.inference
         originals = [_photo_size(i, im) for i, im in enumerate(images)]
-        resized = [resize_image(im, short_side=inference.min_size,
-                                max_long_side=inference.max_size) for im in images]
-        sizes = [(int(im.shape[0]), int(im.shape[1])) for im in resized]
+        sizes = []
+        for h, w in originals:
+            tw, th = resized_size(width=w, height=h, short_side=inference.min_size,
+                                  max_long_side=inference.max_size)
+            sizes.append((th, tw))
+        if self.device_resize:
+            pixels = list(images)  # the originals travel; the device resizes them
+        else:
+            pixels = [resize_image(im, short_side=inference.min_size,
+                                   max_long_side=inference.max_size) for im in images]
         results: list[Any] = [None] * len(images)
         div = self.config.size_divisibility
         batches = plan_batches(sizes, batch_size=self.batch_size, divisibility=div)
         paddings = [_padded((max(sizes[i][0] for i in b), max(sizes[i][1] for i in b)), div)
                     for b in batches]
-        staged = self._staged_canvases([[resized[i] for i in b] for b in batches], paddings)
+        staged = self._staged_canvases([[pixels[i] for i in b] for b in batches],
+                                       [[sizes[i] for i in b] for b in batches], paddings)
         for batch, padded, x in zip(batches, paddings, staged):
             with self._autocast():
                 out = self.model(x, aux_outputs=False)
@@ -145,60 +162,76 @@ class PanopticPredictor:
                 results[i] = (seg.numpy().astype(np.int32), result["panoptic_seg"][1])
         return results
 
-    def _staged_canvases(self, groups: list[list[np.ndarray]], paddings: list[Size]):
+    def _staged_canvases(self, groups: list[list[np.ndarray]], targets: list[list[Size]],
+                         paddings: list[Size]):
         """The batches' canvases on the device, one at a time (a generator).
 
-        On a GPU the uint8 pixels of batch k + 1 are laid out in pinned host memory and copied
-        on a side stream while batch k computes; the compute stream waits for that copy only
-        when it needs the batch. On other devices each canvas is built when it is needed."""
+        On a GPU the uint8 pixels of batch k + 1 are laid out in one pinned host buffer and
+        copied on a side stream while batch k computes; the compute stream waits for that copy
+        only when it needs the batch. On other devices each canvas is built when it is needed."""
         if self.device.type != "cuda":
-            for images, padded in zip(groups, paddings):
-                yield self._canvas(images, padded)
+            for images, sizes, padded in zip(groups, targets, paddings):
+                pixels = [torch.from_numpy(np.require(im, requirements=["C", "W"]))
+                          for im in images]
+                yield self._canvas([p.to(self.device) for p in pixels], sizes, padded)
             return
         copy_stream = torch.cuda.Stream(self.device)
         compute = torch.cuda.current_stream(self.device)
 
-        def stage(images, padded):
-            host = torch.empty((len(images), *padded, 3), dtype=torch.uint8).pin_memory()
-            host.zero_()
-            for row, image in enumerate(images):
-                h, w = image.shape[:2]
-                host[row, :h, :w] = torch.from_numpy(np.require(image, requirements=["C"]))
+        def stage(images):
+            shapes = [tuple(int(d) for d in im.shape) for im in images]
+            host = torch.empty(sum(int(np.prod(s)) for s in shapes), dtype=torch.uint8)
+            host = host.pin_memory()
+            views, at = [], 0
+            for image, shape in zip(images, shapes):
+                n = int(np.prod(shape))
+                host[at:at + n].view(shape).copy_(torch.from_numpy(
+                    np.require(image, requirements=["C"])))
+                views.append((at, n, shape))
+                at += n
             with torch.cuda.stream(copy_stream):
-                return host, host.to(self.device, non_blocking=True), [im.shape[:2]
-                                                                        for im in images]
+                flat = host.to(self.device, non_blocking=True)
+            return host, flat, views
 
-        pending = stage(groups[0], paddings[0]) if groups else None
-        for k, padded in enumerate(paddings):
-            host, device_pixels, shapes = pending
-            pending = stage(groups[k + 1], paddings[k + 1]) if k + 1 < len(groups) else None
+        pending = stage(groups[0]) if groups else None
+        for k, (sizes, padded) in enumerate(zip(targets, paddings)):
+            host, flat, views = pending
+            pending = stage(groups[k + 1]) if k + 1 < len(groups) else None
             compute.wait_stream(copy_stream)
-            device_pixels.record_stream(compute)
-            yield self._canvas_from_device(device_pixels, shapes, padded)
+            flat.record_stream(compute)
+            pixels = [flat[at:at + n].view(shape) for at, n, shape in views]
+            yield self._canvas(pixels, sizes, padded)
             del host  # its copy is done once the compute stream has passed the wait
 
-    def _canvas_from_device(self, pixels: torch.Tensor, shapes, padded: Size) -> torch.Tensor:
-        """:meth:`_canvas` from (B, *padded, 3) uint8 pixels already on the device."""
-        mean = torch.tensor(self.config.pixel_mean, dtype=torch.float32, device=self.device)
-        x = mean.view(1, 3, 1, 1).repeat(pixels.shape[0], 1, *padded)
-        for row, (h, w) in enumerate(shapes):
-            x[row, :, :h, :w] = pixels[row, :h, :w].permute(2, 0, 1)
-        return x
-
-    def _canvas(self, images: Sequence[np.ndarray], padded: Size) -> torch.Tensor:
-        """(B, 3, *padded) float32 on the device: the images top-left, the rest the mean colour.
+    def _canvas(self, pixels: Sequence[torch.Tensor], sizes: Sequence[Size],
+                padded: Size) -> torch.Tensor:
+        """(B, 3, *padded) float32 on the device: each (h, w, 3) uint8 photo (on the device)
+        at its test size top-left (resized there by :func:`resize_on_device` when it is not at
+        that size yet), the rest the mean colour.
 
         The model normalises first and pads with zeros itself, so our padding is the mean colour
-        (-> 0); its pixels are cropped away after the forward. The uint8 pixels travel to the
-        device as they are and become float there.
+        (-> 0); its pixels are cropped away after the forward.
         """
         mean = torch.tensor(self.config.pixel_mean, dtype=torch.float32, device=self.device)
-        x = mean.view(1, 3, 1, 1).repeat(len(images), 1, *padded)
-        for row, image in enumerate(images):
-            h, w = image.shape[:2]
-            pixels = torch.from_numpy(np.require(image, requirements=["C", "W"]))
-            x[row, :, :h, :w] = pixels.to(self.device, non_blocking=True).permute(2, 0, 1)
+        x = mean.view(1, 3, 1, 1).repeat(len(pixels), 1, *padded)
+        for row, (p, (h, w)) in enumerate(zip(pixels, sizes)):
+            x[row, :, :h, :w] = resize_on_device(p, (h, w))
         return x
+
+
+def resize_on_device(pixels: torch.Tensor, size: Size) -> torch.Tensor:
+    """(3, h, w) float32 of an (H, W, 3) uint8 photo at `size` = (h, w), on its device.
+
+    Bilinear with half-pixel centres, antialiased when shrinking (the filter Pillow's BILINEAR
+    resize uses), rounded to whole levels as Pillow's uint8 result is; within one level of
+    :func:`pipeline.segment.decode.resize_image`. A photo already at `size` is only converted.
+    """
+    x = pixels.permute(2, 0, 1).float()
+    if tuple(x.shape[1:]) == tuple(size):
+        return x
+    x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear",
+                                        align_corners=False, antialias=True)[0]
+    return x.round_().clamp_(0, 255)
 
 
 def _photo_size(index: int, image: np.ndarray) -> Size:

@@ -15,8 +15,8 @@ from PIL import Image
 from model.config import get_config
 from model.mask2former import build_model
 from model.postprocess import postprocess_batch
-from pipeline.segment.decode import decode_image
-from pipeline.segment.predictor import PanopticPredictor, plan_batches
+from pipeline.segment.decode import decode_image, resize_image, resized_size
+from pipeline.segment.predictor import PanopticPredictor, plan_batches, resize_on_device
 from pipeline.segment.rows import PredictStage
 
 
@@ -41,6 +41,12 @@ def _images(sizes, seed=0):
     return out
 
 
+def _categories(id_map, segments):
+    """The category of every pixel of a panoptic map (-1: no segment)."""
+    lut = {s["id"]: s["category_id"] for s in segments}
+    return np.vectorize(lambda i: lut.get(int(i), -1))(id_map)
+
+
 def test_plan_batches_covers_every_image_once():
     sizes = [(64, 64), (70, 64), (64, 64), (100, 90), (64, 64), (64, 64), (33, 31)]
     batches = plan_batches(sizes, batch_size=2, divisibility=32)
@@ -63,10 +69,8 @@ def test_batched_results_match_each_image_alone(predictor):
         assert ids.shape == image.shape[:2] and ids.dtype == np.int32  # at the photo's size
         alone_ids, alone_segments = predictor.predict([image])[0]
         # same panoptic map up to renumbering: compare the category of every pixel
-        def cats(id_map, segs):
-            lut = {s["id"]: s["category_id"] for s in segs}
-            return np.vectorize(lambda i: lut.get(int(i), -1))(id_map)
-        agree += int((cats(ids, segments) == cats(alone_ids, alone_segments)).sum())
+        agree += int((_categories(ids, segments)
+                      == _categories(alone_ids, alone_segments)).sum())
         total += ids.size
         assert {s["id"] for s in segments} == set(np.unique(ids)) - {0}
     assert agree / total >= 0.995
@@ -96,6 +100,41 @@ def test_predict_resizes_as_the_decoder_did_and_answers_at_the_photo_size(predic
     assert ids.shape == (90, 150)
     np.testing.assert_array_equal(ids, expected["panoptic_seg"][0].numpy())
     assert segments == expected["panoptic_seg"][1]
+
+
+@pytest.mark.parametrize("size", [(480, 640), (1200, 1600), (300, 200), (64, 64)])
+def test_the_device_resize_is_within_one_level_of_pillows(size):
+    """resize_on_device (what a GPU predictor runs on its device) against the host resize it
+    replaces there: the same antialiased bilinear filter, so pixels differ by rounding only."""
+    rng = np.random.default_rng(1)
+    h, w = size
+    blocks = np.kron(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))
+    photo = np.clip(blocks[:h, :w] + rng.integers(-25, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    for short, longest in [(800, 1333), (384, 384), (64, 128)]:
+        expected = resize_image(photo, short_side=short, max_long_side=longest)
+        tw, th = resized_size(width=w, height=h, short_side=short, max_long_side=longest)
+        got = resize_on_device(torch.from_numpy(photo), (th, tw))
+        assert got.dtype == torch.float32 and tuple(got.shape) == (3, th, tw)
+        diff = np.abs(got.permute(1, 2, 0).numpy() - expected.astype(np.float32))
+        assert diff.max() <= 1.0, (size, short, diff.max())
+        assert diff.mean() < 0.3
+        assert np.array_equal(got.numpy(), np.round(got.numpy()))  # whole levels, as uint8
+
+
+def test_predict_with_the_device_resize_answers_as_the_host_resize(predictor):
+    """The GPU's input path (originals to the device, resized there), run on the CPU: the same
+    segments as the host-resized path, up to the one-level pixel differences."""
+    on_device = PanopticPredictor(model=predictor.model, batch_size=3, device_resize=True)
+    assert not predictor.device_resize and on_device.device_resize  # CPU default: Pillow
+    images = _images([(192, 256), (96, 128), (35, 50), (64, 300), (64, 107)], seed=7)
+    agree = total = 0
+    for (ids, segs), (ref_ids, ref_segs) in zip(on_device.predict(images),
+                                                predictor.predict(images)):
+        assert ids.shape == ref_ids.shape and ids.dtype == np.int32
+        assert {s["id"] for s in segs} == set(np.unique(ids)) - {0}
+        agree += int((_categories(ids, segs) == _categories(ref_ids, ref_segs)).sum())
+        total += ids.size
+    assert agree / total >= 0.97
 
 
 def test_predict_says_what_it_takes(predictor):
