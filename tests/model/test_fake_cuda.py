@@ -253,15 +253,21 @@ def _fake_targets(batch: int, num_classes: int, counts=(2, 1)) -> tuple[list[dic
 # The training step under the two autocast dtypes the training loop uses: bfloat16 (the op
 # gets float32 both ways) and float16 (16-bit both ways; tiny's float16 step is also
 # `test_float16_training_step_with_grad_scaler`). Plain float32 training is the CPU tests'
-# (tests/model/test_model.py). Swin-T's training forward (drop path on) and loss run here, its
-# backward not: about 9 s of CI for torchvision's own ops, whose backward the CPU tests run.
+# (tests/model/test_model.py). Swin-T's training forward (drop path on) and loss run in
+# `make test`; its backward (about 9 s more, mostly torchvision's own ops, whose backward the CPU
+# tests run) in `make test-slow`.
 TRAINING = [("tiny", torch.bfloat16, True), ("r50-coco-panoptic", torch.float16, True),
-            ("swin-t-coco-panoptic", torch.bfloat16, False)]
+            ("swin-t-coco-panoptic", torch.bfloat16, False),
+            pytest.param("swin-t-coco-panoptic", torch.bfloat16, True, marks=pytest.mark.slow)]
+
+
+def _training_id(case) -> str:
+    preset, autocast, backward = case.values if hasattr(case, "values") else case
+    return f"{preset}-{str(autocast)[6:]}{'' if backward else '-forward-and-loss'}"
 
 
 @pytest.mark.parametrize(("preset", "autocast", "backward"), TRAINING,
-                         ids=[f"{p}-{str(a)[6:]}{'' if b else '-forward-and-loss'}"
-                              for p, a, b in TRAINING])
+                         ids=[_training_id(c) for c in TRAINING])
 def test_training_forward_loss_and_backward_on_the_device(preset, autocast, backward):
     mode = FakeTensorMode()
     net = fake_cuda_model(preset, mode)
