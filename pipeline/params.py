@@ -138,6 +138,8 @@ class SegmentParams:
     model: str = param(help="model bundle URI (config.json + model.safetensors)",
                        metavar="BUNDLE")
     batch_size: int = param(4, "images per forward pass", minimum=1)
+    compile: bool = param(False, "torch.compile each predictor's forward (pays on GPUs; the "
+                          "first batch of each size then compiles, for minutes on a CPU)")
     num_actors: int | None = param(None, "predictor actors (default: one per GPU, else CPUs - 1)",
                                    minimum=1)
     gpus_per_actor: float | None = param(None, "GPUs of each predictor actor (default: 1 when "

@@ -179,7 +179,8 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
                                  cpus_per_actor=p.cpus_per_actor,
                                  threads_per_actor=p.threads_per_actor)
             ds = _build_dataset(pending, model=p.model, dst=p.dst, run_id=lock.info.run_id,
-                                batch_size=p.batch_size, max_pixels=p.max_pixels, res=res,
+                                batch_size=p.batch_size, compile=p.compile,
+                                max_pixels=p.max_pixels, res=res,
                                 progress=progress, predictor=predictor)
             _drain(ds, dst=p.dst, lock=lock, summary=summary, total=len(pending),
                    on_commit=regrouped.after_commit)
@@ -293,7 +294,7 @@ def _ensure_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
 
 
-def _build_dataset(pending, *, model, dst, run_id, batch_size, max_pixels, res, progress,
+def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixels, res, progress,
                    predictor):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
@@ -312,7 +313,8 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, max_pixels, res, 
     ds = ds.map_batches(
         PredictStage,
         fn_constructor_args=(predictor, model,
-                             {"batch_size": batch_size, "threads": res.threads_per_actor}),
+                             {"batch_size": batch_size, "threads": res.threads_per_actor,
+                              **({"compile": True} if compile else {})}),
         batch_size=max(batch_size, ROWS_PER_CALL),
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=res.num_actors, max_size=res.num_actors),

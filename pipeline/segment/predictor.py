@@ -82,11 +82,14 @@ class PanopticPredictor:
             reservation; a predictor that should use more cores says so here).
         device_resize: resize on the device (:func:`resize_on_device`) rather than on the host
             with Pillow; default on for CUDA, off on the CPU.
+        compile: `torch.compile` the inference forward (the model traces whole: one graph per
+            canvas size), or the name of a torch.compile backend ("inductor" when True).
     """
 
     def __init__(self, bundle: str | None = None, *, model: torch.nn.Module | None = None,
                  device: str | None = None, batch_size: int = 4, amp: bool | None = None,
-                 threads: int | None = None, device_resize: bool | None = None):
+                 threads: int | None = None, device_resize: bool | None = None,
+                 compile: bool | str = False):
         if (bundle is None) == (model is None):
             raise ValueError("pass exactly one of a bundle URI or a model")
         if threads:
@@ -103,6 +106,10 @@ class PanopticPredictor:
         self.amp = (self.device.type == "cuda") if amp is None else amp
         self.device_resize = (self.device.type == "cuda") if device_resize is None \
             else device_resize
+        self.forward = self.model
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.forward = torch.compile(self.model, backend=backend, fullgraph=True)
         cats = self.config.categories
         self.isthing = [c.isthing for c in cats]
         self.category_ids = [c.id for c in cats]
@@ -146,7 +153,7 @@ class PanopticPredictor:
                                        [[sizes[i] for i in b] for b in batches], paddings)
         for batch, padded, x in zip(batches, paddings, staged):
             with self._autocast():
-                out = self.model(x, aux_outputs=False)
+                out = self.forward(x, aux_outputs=False)
             done = postprocess_batch(
                 pred_logits=out["pred_logits"].float(), pred_masks=out["pred_masks"].float(),
                 input_sizes=[sizes[i] for i in batch],
