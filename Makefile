@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 LOCK := constraints.txt
 
-.PHONY: setup test test-slow test-all lint bench demo clean lock gpu-check gpu-wheels
+.PHONY: setup test test-slow test-all lint bench demo clean lock gpu-check gpu-wheels browser
 
 setup: $(STAMP)
 
@@ -71,6 +71,11 @@ gpu-wheels:
 	$(PIP) download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d gpu-wheels \
 	  numpy safetensors pyyaml scipy pytest fsspec pillow
+
+# Debian's Chromium, which the report's headless-browser test runs (tests/jobs/test_report.py
+# fails without it, naming this target); installed once, as root (CI runs it before `make test`).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 # The README's first command: the whole product on synthetic data (see jobs/demo.py).
 demo: setup

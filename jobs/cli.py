@@ -505,8 +505,16 @@ def _add_segment(sub) -> None:
 
     p.add_argument("--spec", help="a segment job spec (YAML); flags given here override it")
     _add_param_flags(p, SegmentParams)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (a line per "
+                   "committed shard still goes to the log)")
     p.set_defaults(func=cmd_segment)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -514,9 +522,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     check_segment(params)
     from pipeline.segment.job import run_segment
 
+    # Ray Data draws bars on stderr when stdout is a terminal (else it logs every 10 s): a
+    # stderr that is no terminal gets no bars.
+    progress = not args.no_progress and (_isatty(sys.stderr) or not _isatty(sys.stdout))
     created = not _exists(params.dst)
     try:
-        summary = run_segment(params=params, progress=not args.no_progress)
+        with _quiet_stderr():
+            summary = run_segment(params=params, progress=progress)
     except BaseException:
         if created:  # refused after the lock was taken (e.g. too many actors for the cluster)
             _remove_if_left_empty(params.dst)
@@ -534,6 +546,9 @@ def _add_finetune(sub) -> None:
                        "--name resumes from its latest checkpoint.")
     p.add_argument("--spec", help="a finetune job spec (YAML); flags given here override it")
     _add_param_flags(p, FinetuneParams)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars of the data "
+                   "stream (they are drawn on a terminal only); the step lines, every 10 s, "
+                   "stay")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -542,9 +557,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_finetune(params)
     from pipeline.train.job import run_finetune
 
+    # The data stream runs in a Ray actor, whose bars the driver redraws whatever stderr is.
+    progress = not args.no_progress and _isatty(sys.stderr)
     with _recording_sigint() as interrupted:
         try:
-            result = run_finetune(params=params)
+            with _quiet_stderr():
+                result = run_finetune(params=params, progress=progress)
         except BaseException:
             if interrupted.is_set():  # Ray Train's own Ctrl-C handling ends in SystemExit
                 raise KeyboardInterrupt from None
@@ -568,7 +586,13 @@ def _add_synth(sub) -> None:
     p.add_argument("--val", type=_at_least(0), default=40, help="val images")
     p.add_argument("--size", type=_at_least(64), default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    _add_no_progress(p)
     p.set_defaults(func=cmd_synth)
+
+
+def _add_no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress (otherwise: a line "
+                   "rewritten in place on a terminal, a log line every 10 s in a log)")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -576,7 +600,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.coco.synth import make_synthetic_dataset
 
     summary = make_synthetic_dataset(args.dst, num_train=args.train, num_val=args.val,
-                                     image_size=(args.size, args.size), seed=args.seed)
+                                     image_size=(args.size, args.size), seed=args.seed,
+                                     progress=not args.no_progress)
     print(summary)
     return 0
 
@@ -655,6 +680,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from model.bundle import load_state_dict_into, save_bundle
     from model.mask2former import build_model
 
+    log.info("read %d tensors from %s; writing the bundle to %s", len(state_dict), shown,
+             shown_uri(args.dst))
     net = build_model(config)
     load_state_dict_into(net, state_dict)
     model_id = save_bundle(net, args.dst, name=args.name)
@@ -672,6 +699,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--gt-folder", help="ground-truth PNG folder (default: JSON path minus .json)")
     p.add_argument("--pred-folder", help="prediction PNG folder, for a prediction JSON")
     p.add_argument("--out", help="also write the result as JSON here")
+    _add_no_progress(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -716,7 +744,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             results = pq_compute(args.gt, args.pred, args.gt_folder, args.pred_folder, workers=1)
             text, doc = format_pq_table(results), json.dumps(results, indent=2, default=str)
         else:
-            evaluation = evaluate_output(args.pred, args.gt, args.gt_folder)
+            evaluation = evaluate_output(args.pred, args.gt, args.gt_folder,
+                                         progress=not args.no_progress)
             text, doc = evaluation.render(), results_json(evaluation)
     except KeyError as e:  # predictions and ground truth disagree (ids, categories)
         raise UserError(str(e.args[0] if e.args else e)) from None
@@ -738,6 +767,7 @@ def _add_show(sub) -> None:
     p.add_argument("--model", help="bundle whose config.json names and colours the classes")
     p.add_argument("--categories", help="or a COCO JSON with categories")
     p.add_argument("--limit", type=_at_least(1), default=16, help="images drawn (default 16)")
+    _add_no_progress(p)
     p.set_defaults(func=cmd_show)
 
 
@@ -756,7 +786,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from pipeline.segment.show import show
 
     summary = show(args.output, args.dst, model=args.model, categories=args.categories,
-                   limit=args.limit)
+                   limit=args.limit, progress=not args.no_progress)
     print(f"wrote {len(summary.written)} overlays and {summary.contact_sheet}")
     if summary.skipped:
         print(f"{len(summary.skipped)} original images could not be read; drawn on grey")
@@ -779,6 +809,7 @@ def _add_export(sub) -> None:
     p.add_argument("--model", help="bundle whose config.json gives the label space")
     p.add_argument("--categories", metavar="FILE", help="or a JSON file of categories (a list "
                    "of {id, name, isthing, color} in label order, or a COCO JSON)")
+    _add_no_progress(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -803,24 +834,113 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.segment.export import export_output
 
     summary = export_output(args.output, args.dst, format=args.export_format, model=args.model,
-                            categories=args.categories)
+                            categories=args.categories, progress=not args.no_progress)
     print(summary.render())
     return 0 if summary.images > 0 or summary.errors_skipped == 0 else 1
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="a static HTML report of a segment output (counts, "
+                       "errors, classes, PQ, a gallery)",
+                       description="Write DST/report.html, one page that opens from the file "
+                       "system (nothing fetched from the network): the run's counts, its error "
+                       "rows, per-class counts and areas, PQ / SQ / RQ against --gt, and a "
+                       "paged gallery of overlays (the pictures in DST/overlays/). A progress "
+                       "line goes to stderr every 10 s.")
+    p.add_argument("output", metavar="OUTPUT", help="segment output URI")
+    p.add_argument("dst", metavar="DST", help="folder/URI for report.html and overlays/")
+    p.add_argument("--model", metavar="BUNDLE", help="bundle whose config.json names and "
+                   "colours the classes")
+    p.add_argument("--categories", metavar="JSON", help="or a JSON file of categories (a list "
+                   "of {id, name, isthing, color}, or a COCO JSON)")
+    p.add_argument("--gt", metavar="GT_JSON", help="COCO panoptic ground truth: adds PQ / SQ / "
+                   "RQ (its PNG folder is beside it)")
+    p.add_argument("--gt-folder", metavar="FOLDER", help="ground-truth PNG folder (default: "
+                   "GT_JSON minus .json)")
+    p.add_argument("--limit", type=_at_least(0), default=240, help="images in the gallery, the "
+                   "first by image id (default 240; 0: no gallery)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from model.storage import absolute, join, shown_uri
+
+    fs, path = _filesystem(join(args.output, "data"), "OUTPUT")
+    if not fs.isdir(path):
+        raise UserError(f"no segment output under {shown_uri(args.output)}/data; run "
+                        "`panoray segment` first")
+    _check_folder_target(args.dst, "DST")
+    if absolute(shown_uri(args.dst)).rstrip("/") == absolute(shown_uri(args.output)).rstrip("/"):
+        raise UserError(f"DST {shown_uri(args.dst)} is the segment output itself; pass another "
+                        "folder to write the report into")
+    if args.model and args.categories:
+        raise UserError("report takes the class names once: pass --model BUNDLE or "
+                        "--categories JSON, not both")
+    if args.model:
+        _check_bundle(args.model)
+    if args.categories:
+        _read_json(args.categories, "--categories")
+        from pipeline.coco.categories import read_categories
+
+        read_categories(args.categories)  # a bad entry: a validator's ValueError, one sentence
+    if args.gt_folder and not args.gt:
+        raise UserError("--gt-folder needs --gt GT_JSON (the ground truth's panoptic JSON)")
+    if args.gt:
+        _read_json(args.gt, "--gt", keys=("annotations", "categories"))
+        folder = args.gt_folder or (args.gt[: -len(".json")] if args.gt.endswith(".json")
+                                    else None)
+        if folder is None:
+            raise UserError(f"cannot tell where the PNGs of {shown_uri(args.gt)} are (it does "
+                            "not end in .json); pass --gt-folder")
+        gt_fs, gt_path = _filesystem(folder, "--gt-folder")
+        if not gt_fs.isdir(gt_path):
+            raise UserError(f"no PNG folder at {shown_uri(folder)}" +
+                            ("" if args.gt_folder else "; pass --gt-folder"))
+    from pipeline.segment.report import prepare_report, write_report
+
+    try:  # reads only: a mistake found here leaves DST untouched
+        prepared = prepare_report(args.output, model=args.model, categories=args.categories,
+                                  gt=args.gt, gt_folder=args.gt_folder, limit=args.limit)
+    except KeyError as e:  # predictions and ground truth disagree (ids, categories)
+        raise UserError(str(e.args[0] if e.args else e)) from None
+    summary = write_report(prepared, args.dst)
+    print(summary.render())
+    return 0
 
 
 def _add_submit(sub) -> None:
     p = sub.add_parser("submit", help="run a job spec on a running Ray cluster (Jobs API)",
                        description="Check SPEC locally, then submit it to the Ray cluster whose "
-                       "dashboard is at --address; prints the submission id.")
+                       "dashboard is at --address; prints the submission id and the command "
+                       "that follows its log. Paths in SPEC: URIs (s3://, gs://) go as they "
+                       "are; for a cluster on this machine (127.0.0.1, localhost) relative "
+                       "paths are made absolute; for a remote cluster local paths are refused "
+                       "unless --paths-on-cluster.")
     p.add_argument("spec", help="job spec YAML (kind: segment | finetune)")
     p.add_argument("--address", required=True, help="dashboard URL, e.g. http://HEAD:8265")
-    p.add_argument("--wait", action="store_true", help="wait for the job and exit with its result")
+    p.add_argument("--wait", action="store_true", help="stream the job's log until it ends; "
+                   "exit 0 when it succeeded, 1 (with its last error line) when not")
+    p.add_argument("--paths-on-cluster", action="store_true", help="the absolute local paths "
+                   "in SPEC are paths every node of the cluster mounts: send them as they are")
     p.set_defaults(func=cmd_submit)
 
 
-def check_submit_address(address: str) -> None:
-    """The dashboard's URL: http(s)://host:port that accepts a connection (a Ray address
-    without a scheme would make the Jobs client wait for a GCS for a minute)."""
+def _add_logs(sub) -> None:
+    p = sub.add_parser("logs", help="print (or follow) the log of a submitted job",
+                       description="Print the log of the job JOB_ID (as `panoray submit` "
+                       "printed it) from the Ray cluster whose dashboard is at --address, with "
+                       "the same token discovery as submit (RAY_AUTH_TOKEN, "
+                       "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).")
+    p.add_argument("job_id", metavar="JOB_ID", help="submission id, e.g. raysubmit_...")
+    p.add_argument("--address", required=True, help="dashboard URL, e.g. http://HEAD:8265")
+    p.add_argument("--follow", action="store_true", help="keep printing until the job ends; "
+                   "exit 0 when it succeeded, 1 (with its last error line) when not")
+    p.set_defaults(func=cmd_logs)
+
+
+def _check_submit_url(address: str):
+    """The dashboard's URL must be http(s)://host:port (a Ray address without a scheme would
+    make the Jobs client wait for a GCS for a minute); returns (host, port)."""
     from urllib.parse import urlsplit
 
     if "://" not in address:
@@ -834,23 +954,100 @@ def check_submit_address(address: str) -> None:
         port = parts.port or {"http": 80, "https": 443, "ray": 10001}[parts.scheme]
     except ValueError:
         raise UserError(f"--address {address} has an invalid port") from None
-    _probe(parts.hostname or "127.0.0.1", port, f"cannot reach a Ray cluster at {address}")
+    return parts.hostname or "127.0.0.1", port
+
+
+def check_submit_address(address: str) -> None:
+    """The dashboard's URL, well formed (`_check_submit_url`) and accepting a connection."""
+    host, port = _check_submit_url(address)
+    _probe(host, port, f"cannot reach a Ray cluster at {address}")
+
+
+@contextlib.contextmanager
+def _jobs_api(address: str, job_id: str | None = None) -> Iterator[None]:
+    """The Jobs API's failures that are the user's to fix, as one sentence: nothing answers,
+    a token is missing or refused, no such job."""
+    try:
+        yield
+    except ConnectionError as e:
+        raise UserError(f"cannot reach a Ray cluster at {address}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - only the user's are turned into UserError
+        if type(e).__name__ == "AuthenticationError":  # ray.exceptions: a 401 or a 403
+            said = (str(e).strip().splitlines() or ["no token"])[0].rstrip(".")
+            raise UserError(f"the cluster at {address} refused panoray ({said}); give it the "
+                            "cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                            "~/.ray/auth_token (`ray get-auth-token` on the head prints it), "
+                            "with RAY_AUTH_MODE unset or token") from None
+        if isinstance(e, RuntimeError) and job_id is not None and "status code 404" in str(e):
+            raise UserError(f"the cluster at {address} has no job {job_id!r}; pass the "
+                            "submission id `panoray submit` printed (raysubmit_...)") from None
+        raise
+
+
+def _follow_command(job_id: str, address: str) -> str:
+    return f"panoray logs {job_id} --address {address} --follow"
+
+
+def _report_end(end, address: str, command: str) -> int:
+    """How a followed job ended: its summary (exit 0) or its last error line (exit 1)."""
+    if end.status == "SUCCEEDED":
+        print(f"job {end.job_id} SUCCEEDED" + ("" if not end.summary else ":"))
+        for line in end.summary:
+            print(f"  {line}")
+        return 0
+    if end.error is None:  # still running (a time limit of the caller's)
+        print(f"job {end.job_id} is {end.status}; {_follow_command(end.job_id, address)}")
+        return 1
+    print(f"panoray {command}: job {end.job_id} {end.status}: {end.error}", file=sys.stderr)
+    return 1
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from jobs.spec import load_spec
+    from jobs.submit import place_paths
 
-    load_spec(args.spec)  # a mistake in the spec is named before the cluster is contacted
+    spec = load_spec(args.spec)  # a mistake in the spec is named before the cluster is contacted
+    _check_submit_url(args.address)
+    place_paths(spec, address=args.address, paths_on_cluster=args.paths_on_cluster)
     check_submit_address(args.address)
-    from jobs.submit import submit
+    from jobs.submit import connect, follow, submit
 
+    with _jobs_api(args.address):
+        client = connect(args.address)
+        job_id = submit(args.spec, address=args.address, paths_on_cluster=args.paths_on_cluster,
+                        client=client)
+    print(f"submitted {job_id} to {args.address}", flush=True)
+    if not args.wait:
+        print(f"follow it with: {_follow_command(job_id, args.address)}")
+        return 0
+    print(f"its log (also later: {_follow_command(job_id, args.address)}):", flush=True)
     try:
-        job_id, status = submit(args.spec, address=args.address, wait=args.wait)
-    except ConnectionError as e:
-        raise UserError(f"cannot reach a Ray cluster at {args.address}: {e}") from None
-    print(f"submitted {job_id} to {args.address}" + (f": {status}" if status else ""))
-    print(f"follow it with: ray job logs --address {args.address} --follow {job_id}")
-    return 0 if status in (None, "SUCCEEDED") else 1
+        with _jobs_api(args.address, job_id):
+            end = follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"panoray submit: stopped following {job_id}, which keeps running on the "
+              f"cluster: {_follow_command(job_id, args.address)}", file=sys.stderr)
+        raise
+    return _report_end(end, args.address, "submit")
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.job_id):
+        raise UserError(f"{args.job_id!r} is not a job id; pass the submission id `panoray "
+                        "submit` printed (raysubmit_...)")
+    check_submit_address(args.address)
+    from jobs.submit import connect, follow
+
+    with _jobs_api(args.address, args.job_id):
+        client = connect(args.address)
+        client.get_job_info(args.job_id)  # a job id the cluster does not know: one sentence
+        if not args.follow:
+            sys.stdout.write(client.get_job_logs(args.job_id) or "")
+            return 0
+        end = follow(client, args.job_id)
+    return _report_end(end, args.address, "logs")
 
 
 def _add_demo(sub) -> None:
@@ -867,7 +1064,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_folder_target(args.out, "--out")
     from jobs.demo import run_demo
 
-    run_demo(out=args.out, train_steps=args.train_steps)
+    progress = _isatty(sys.stderr)  # Ray Data's bars: on a terminal only (as segment, finetune)
+    with _quiet_stderr():
+        run_demo(out=args.out, train_steps=args.train_steps, progress=progress)
     return 0
 
 
@@ -886,8 +1085,8 @@ def build_parser(extra: Sequence[Callable] = ()) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging of panoray's own modules (libraries stay at INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_segment, _add_finetune, _add_evaluate, _add_show, _add_export, _add_synth,
-                _add_convert, _add_submit, _add_demo, *extra):
+    for add in (_add_segment, _add_finetune, _add_evaluate, _add_show, _add_export, _add_report,
+                _add_synth, _add_convert, _add_submit, _add_logs, _add_demo, *extra):
         add(sub)
     return parser
 
@@ -934,6 +1133,100 @@ def configure_logging(verbose: bool) -> None:
             handler.addFilter(_Redacting())
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    for name, start in _RAY_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Dropping) and f.start == start for f in logger.filters):
+            logger.addFilter(_Dropping(start))
+
+
+# Ray's log records about a choice panoray makes on purpose, dropped so that a healthy run
+# prints no WARNING: (logger, how the message starts).
+_RAY_NOISE = (
+    # the Ray instance of its own that a job starts on this machine has a token (Ray's default)
+    ("ray._private.authentication.authentication_token_setup",
+     "Token authentication is enabled for this Ray cluster"),
+    ("ray.data._internal.progress", "Progress bars disabled"),  # --no-progress
+)
+
+
+class _Dropping(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+# What Ray writes straight to this process's stderr on a healthy run that is no fault of the
+# run: its C++ core worker's ERROR line for every Ray Data actor (the actor pool passes its
+# arguments through the object store; ray-project/ray#57733; the line stays in Ray's own log
+# files), the progress-bar warning of Ray Data in workers (forwarded lines) when panoray
+# turned the bars off, and the deprecation warning (two lines) that Ray Train's own use of Ray
+# Data's ExecutionOptions raises in every fine-tune.
+_STDERR_NOISE = (b"has constructor arguments in the object store and max_restarts",
+                 b"Progress bars disabled. To enable",
+                 b"`ExecutionOptions.exclude_resources` is deprecated",
+                 b"  self.exclude_resources = exclude_resources")
+_FLUSHED = b"\x00panoray: stderr flushed\x00"
+
+
+@contextlib.contextmanager
+def _quiet_stderr(noise: tuple[bytes, ...] = _STDERR_NOISE) -> Iterator[None]:
+    """Leave out the lines holding one of `noise` from everything written to file descriptor 2
+    meanwhile (C++ code and forwarded worker lines included); the rest passes at once, partial
+    lines (progress bars) too. Only where sys.stderr is file descriptor 2 (not in a host that
+    captures stderr itself). What the process wrote before the end has passed when it ends."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd != 2:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    flushed = threading.Event()
+
+    def write(data: bytes) -> None:
+        while data:
+            data = data[os.write(saved, data):]
+
+    def pump() -> None:
+        midline = False  # the last byte passed on ended no line: what follows belongs to it
+        try:
+            while chunk := os.read(read_end, 1 << 16):
+                *lines, tail = chunk.split(b"\n")
+                out = []
+                for line in lines:
+                    if line.endswith(_FLUSHED):  # after what was written before the end
+                        line = line[:-len(_FLUSHED)]
+                        out.append(line)
+                        midline = midline or bool(line)
+                        flushed.set()
+                        continue
+                    if midline or not any(n in line for n in noise):
+                        out.append(line + b"\n")
+                    midline = False
+                if tail:
+                    out.append(tail)
+                    midline = True
+                write(b"".join(out))
+        except OSError:  # the terminal went away: nothing left to show anything on
+            pass
+
+    threading.Thread(target=pump, name="panoray-stderr", daemon=True).start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.write(2, _FLUSHED + b"\n")
+        flushed.wait(timeout=5)
+        os.dup2(saved, 2)  # processes that inherited the pipe keep writing through the pump
 
 
 def main(argv: Sequence[str] | None = None) -> int:

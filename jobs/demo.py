@@ -38,10 +38,11 @@ def pack_archive(images_uri: str, archive_uri: str, *, per_shard: int = 8) -> in
 
 
 def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: int = 48,
-             seed: int = 7, model: str | None = None) -> dict:
+             seed: int = 7, model: str | None = None, progress: bool = True) -> dict:
     """Run the demo into `out`; returns the paths and numbers it printed.
 
-    `model` replaces the shipped bundle (a bundle over the synthetic label space)."""
+    `model` replaces the shipped bundle (a bundle over the synthetic label space); `progress`:
+    Ray Data's progress bars (the log lines of each stage stay)."""
     from jobs.spec import load_spec
     from pipeline.coco.synth import make_synthetic_dataset
     from pipeline.segment.job import run_segment
@@ -66,7 +67,7 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
         recipe = load_spec(RECIPE).args
         result = run_finetune(params=recipe, train=join(data, "train"), val=None,
                               storage=join(out, "runs"), steps=train_steps, eval_every=0,
-                              checkpoint_every=max(train_steps // 2, 1))
+                              checkpoint_every=max(train_steps // 2, 1), progress=progress)
         model = result["final_bundle"]
     elif model is None:
         model = str(SHIPPED_MODEL)
@@ -75,7 +76,8 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
         print(f"[2/5] model: {model}")
 
     print(f"[3/5] segmenting {archive} -> {segments} on a local Ray")
-    summary = run_segment(src=archive, dst=segments, model=model, batch_size=4)
+    summary = run_segment(src=archive, dst=segments, model=model, batch_size=4,
+                          progress=progress)
     print(summary.render())
 
     print("[4/5] PQ against the synthetic ground truth")

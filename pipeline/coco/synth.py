@@ -25,6 +25,7 @@ from __future__ import annotations
 import colorsys
 import io
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,9 @@ from PIL import Image, ImageDraw
 
 from model.storage import get_filesystem, join, redact
 from pipeline.coco.panoptic_io import encode_panoptic_png, segment_stats
+from pipeline.progress import Progress
+
+log = logging.getLogger(__name__)
 
 SYNTH_CATEGORIES: list[dict[str, Any]] = [
     {"id": 1, "name": "circle", "isthing": 1, "color": [220, 40, 40], "supercategory": "shape"},
@@ -56,10 +60,12 @@ def make_synthetic_dataset(
     num_val: int,
     image_size: tuple[int, int] = (128, 128),
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Write the train and val splits under ``dst_uri``; returns a summary (counts, URIs).
 
     image_size: (H, W) in pixels, at least 64 each. Hundreds of images take seconds.
+    progress: the images written so far (`pipeline.progress`).
     """
     height, width = image_size
     if height < 64 or width < 64:
@@ -70,6 +76,7 @@ def make_synthetic_dataset(
     summary: dict[str, Any] = {
         "uri": redact(dst_uri), "image_size": [height, width], "seed": seed, "splits": {}
     }
+    meter = Progress("synth", total=num_train + num_val, enabled=progress, log=log)
     for split_index, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val))):
         split_root = f"{root.rstrip('/')}/{split}"
         for folder in ("images", "panoptic"):
@@ -95,6 +102,7 @@ def make_synthetic_dataset(
             if len(pending) >= 2 * _WRITE_BATCH:
                 fs.pipe(pending)
                 pending = {}
+            meter.advance()
         if pending:
             fs.pipe(pending)
         doc = {
@@ -110,6 +118,7 @@ def make_synthetic_dataset(
             "segments": sum(len(a["segments_info"]) for a in annotations),
             "json": redact(join(dst_uri, split, "panoptic.json")),
         }
+    meter.close()
     return summary
 
 

@@ -36,7 +36,6 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,13 +48,13 @@ from model.storage import get_filesystem, join, shown_uri
 from pipeline.coco.categories import parse_categories, read_categories
 from pipeline.coco.panoptic_io import decode_panoptic_png
 from pipeline.coco.rle import encode_segments
+from pipeline.progress import Progress
 from pipeline.segment.output import image_file_stem, iter_output_rows
 from pipeline.segment.shards import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("coco-panoptic", "coco-instances", "semantic-png")
-PROGRESS_EVERY_S = 10.0  # a progress line on the log (stderr) this often
 WRITE_THREADS = 8  # PNG writes in flight at once (object stores: one request each)
 HASHED_IDS_FROM = 2**40  # image ids from hashes lie in [2**40, 2**53): never a COCO number
 _JSON_SAFE = 2**53  # integers every JSON reader (JavaScript's too) reads exactly
@@ -127,8 +126,11 @@ def scan_output(output_uri: str, label_space: list[dict]) -> _Scan:
 
 def export_output(output_uri: str, dst: str, *, format: str = "coco-panoptic",
                   model: str | None = None, categories: str | None = None,
-                  progress_every_s: float = PROGRESS_EVERY_S) -> ExportSummary:
-    """Export the ok rows of the segment output at `output_uri` to `dst` in `format`."""
+                  progress_every_s: float | None = None,
+                  progress: bool = True) -> ExportSummary:
+    """Export the ok rows of the segment output at `output_uri` to `dst` in `format`.
+    `progress`: a line on stderr rewritten in place on a terminal, else a log record every
+    `progress_every_s` seconds (default `pipeline.progress.EVERY_S`, 10 s)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     label_space = load_label_space(model=model, categories=categories)
@@ -140,8 +142,9 @@ def export_output(output_uri: str, dst: str, *, format: str = "coco-panoptic",
     summary = ExportSummary(format=format, dst=dst, errors_skipped=scan.errors)
     ids = _ImageIds(scan.numbered)
     seen: set[str] = set()
-    started = last = time.monotonic()
-    with _Files(fs) as files:
+    meter = Progress(f"export {format}", total=scan.ok, note=f"{scan.errors} error rows skipped",
+                     enabled=progress, every_s=progress_every_s, log=log)
+    with _Files(fs) as files, meter:
         for row in iter_output_rows(output_uri, ["image_id", "image_uri", "width", "height",
                                                  "status", "panoptic_png", "segments_info"]):
             if row["status"] != "ok":
@@ -154,11 +157,7 @@ def export_output(output_uri: str, dst: str, *, format: str = "coco-panoptic",
             seen.add(name)
             summary.segments += writer.add(row, name, ids.of(row), files)
             summary.images += 1
-            if time.monotonic() - last >= progress_every_s:
-                last = time.monotonic()
-                log.info("export %s: %d of %d images (%.1f images/s), %d error rows skipped",
-                         format, summary.images, scan.ok,
-                         summary.images / max(last - started, 1e-9), scan.errors)
+            meter.advance()
     info = {"description": f"panoray export ({format}) of {shown_uri(output_uri)}",
             "model_id": ", ".join(sorted(scan.model_ids))}
     summary.written = [join(dst, name) for name in writer.finish(info)]

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from model.storage import get_filesystem, join
 from pipeline.coco.panoptic_io import decode_panoptic_png, load_coco_panoptic, read_panoptic_png
 from pipeline.evaluate import PQStat, format_pq_table, pq_image_stat, pq_results
+from pipeline.progress import Progress
 from pipeline.segment.shards import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,10 @@ def read_output_rows(output_uri: str, columns: list[str] | None = None) -> list[
     return rows
 
 
-def evaluate_output(output_uri: str, gt_json_uri: str, gt_folder: str | None = None
-                    ) -> OutputEvaluation:
-    """PQ of the ok rows under `output_uri` against the COCO panoptic ground truth."""
+def evaluate_output(output_uri: str, gt_json_uri: str, gt_folder: str | None = None, *,
+                    progress: bool = True) -> OutputEvaluation:
+    """PQ of the ok rows under `output_uri` against the COCO panoptic ground truth.
+    `progress`: the images compared so far (`pipeline.progress`)."""
     gt = load_coco_panoptic(gt_json_uri)
     folder = gt_folder or (gt_json_uri[: -len(".json")] if gt_json_uri.endswith(".json")
                            else gt_json_uri)
@@ -128,6 +130,7 @@ def evaluate_output(output_uri: str, gt_json_uri: str, gt_folder: str | None = N
             unmatched += 1
     stat = PQStat()
     missing = []
+    meter = Progress("evaluate", total=len(by_stem), enabled=progress, log=log)
     for stem, ann in sorted(by_stem.items()):
         gt_ids = read_panoptic_png(join(folder, ann["file_name"]))
         row = predicted.get(stem)
@@ -140,6 +143,8 @@ def evaluate_output(output_uri: str, gt_json_uri: str, gt_folder: str | None = N
         stat += pq_image_stat(gt_segments=ann["segments_info"], gt_ids=gt_ids,
                               pred_segments=pred_segments, pred_ids=pred_ids,
                               categories=categories, image_id=stem)
+        meter.advance()
+    meter.close()
     evaluation = OutputEvaluation(results=pq_results(stat, gt.categories),
                                   images_gt=len(by_stem), images_matched=len(predicted),
                                   images_missing=missing, rows_unmatched=unmatched)

@@ -14,6 +14,7 @@ from model.bundle import read_bundle_config
 from model.storage import get_filesystem, join
 from pipeline.coco.overlay import contact_sheet, render_overlay
 from pipeline.coco.panoptic_io import decode_panoptic_png
+from pipeline.progress import Progress
 from pipeline.segment.decode import DecodeError, decode_image
 from pipeline.segment.output import image_file_stem, read_output_rows
 from pipeline.segment.sources import iter_shard_records, list_shards
@@ -63,19 +64,24 @@ def fetch_images(image_uris: Iterable[str]) -> dict[str, bytes]:
 
 
 def show(output_uri: str, dst: str, *, model: str | None = None, categories: str | None = None,
-         limit: int = 16, columns: int = 4) -> ShowSummary:
+         limit: int = 16, columns: int = 4, progress: bool = True) -> ShowSummary:
     """Write overlays of up to `limit` ok rows of `output_uri` into `dst` plus a contact sheet.
 
     Each overlay is named by :func:`~pipeline.segment.output.image_file_stem` of its row's
-    image_id, so every member of a tar or Parquet shard gets its own picture."""
+    image_id, so every member of a tar or Parquet shard gets its own picture. `progress`: the
+    overlays drawn so far (`pipeline.progress`: a line on a terminal, else a log record every
+    10 s)."""
     cats = load_categories(model=model, categories=categories)
     rows = [r for r in read_output_rows(output_uri) if r["status"] == "ok"]
     rows.sort(key=lambda r: r["image_id"])
     rows = rows[:limit]
+    if progress:
+        log.info("show: reading the %d original images", len(rows))
     images = fetch_images(r["image_uri"] for r in rows)
     fs, root = get_filesystem(dst)
     fs.makedirs(root, exist_ok=True)
     pictures, written, skipped = [], [], []
+    meter = Progress("show", total=len(rows), unit="overlays", enabled=progress, log=log)
     for row in rows:
         data = images.get(row["image_uri"])
         ids = decode_panoptic_png(row["panoptic_png"]).astype(np.int64)
@@ -93,6 +99,8 @@ def show(output_uri: str, dst: str, *, model: str | None = None, categories: str
         fs.pipe_file(f"{root.rstrip('/')}/{name}", buf.getvalue())
         written.append(join(dst, name))
         pictures.append(picture)
+        meter.advance()
+    meter.close()
     sheet_uri = None
     if pictures:
         buf = io.BytesIO()

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 @with_params(FinetuneParams)
 def run_finetune(p: FinetuneParams, *, cpus_per_worker: float | None = None,
                  deterministic_data: bool = False,
-                 loss: LossConfig | None = None) -> dict[str, Any]:
+                 loss: LossConfig | None = None, progress: bool = True) -> dict[str, Any]:
     """Fine-tune `model` (a preset name, random init, or a bundle URI) on the COCO panoptic split
     `train` with Ray Train; see the module doc for storage, resume and label space.
 
@@ -63,7 +63,8 @@ def run_finetune(p: FinetuneParams, *, cpus_per_worker: float | None = None,
     reads the whole stream in order and keeps items r::W of each global batch: results then do
     not depend on the number of workers, at W times the decoding work; for tests and
     debugging), `loss` (criterion settings; default the reference; `num_points`, when set,
-    replaces its point count).
+    replaces its point count), `progress` (Ray Data's progress bars of the data stream, which
+    the driver redraws on stderr whatever it is: off for a log; the rank-0 step lines stay).
 
     Returns {"name", "run_dir", "final_bundle", "start_step", "step", "metrics" (the last
     report), "history" (every report of the run, resumed ones included)}.
@@ -93,6 +94,9 @@ def run_finetune(p: FinetuneParams, *, cpus_per_worker: float | None = None,
     if cpus_per_worker is None:
         cpus_per_worker = _default_cpus_per_worker(p.num_workers, p.use_gpu)
     global_batch = p.num_workers * p.batch_size
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = progress  # the dataset takes it along
     dataset = train_dataset(split, lsj=lsj, seed=p.seed, start=start_step * global_batch,
                             num_samples=max(p.steps - start_step, 1) * global_batch)
     loop = LoopConfig(**as_kwargs(p), categories=categories, reinit_class_head=reinit,

@@ -8,8 +8,8 @@ import pytest
 
 from jobs.cli import main
 
-COMMANDS = ("segment", "finetune", "evaluate", "show", "export", "synth", "convert", "submit",
-            "demo")
+COMMANDS = ("segment", "finetune", "evaluate", "show", "export", "report", "synth", "convert",
+            "submit", "logs", "demo")
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
@@ -77,3 +77,38 @@ def test_no_credentials(tmp_path, capsys, monkeypatch, command):
         args = ["synth", "s3://panoray-test-bucket/synth", "--train", "1", "--val", "1"]
     code, _, err = _run(capsys, *args)
     _assert_one_sentence(code, err, "credentials")
+
+
+QUIET_STDERR = r"""
+import os, sys, logging
+from jobs.cli import _quiet_stderr, configure_logging
+configure_logging(False)
+os.write(2, b"before\n")
+with _quiet_stderr():
+    os.write(2, b"[2026-01-01 00:00:00,000 E 1 1] core_worker.cc:1: Actor with class name: 'X' "
+                b"has constructor arguments in the object store and max_restarts > 0.\n")
+    os.write(2, b"\rbar 1/2")  # a progress bar's redraw: passes at once, no line end needed
+    os.write(2, b"\rbar 2/2\n(Worker pid=1) Progress bars disabled. To enable, set x\n")
+    print("a line from python", file=sys.stderr)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").warning(
+        "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+    logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To ...")
+    logging.getLogger("ray.data._internal.progress").warning("something else")
+    os.write(2, b"unfinished")
+print("after", file=sys.stderr)
+"""
+
+
+def test_ray_noise_is_left_out_of_stderr_and_the_rest_passes_in_order():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-c", QUIET_STDERR], capture_output=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.decode().split("\n")  # bytes: "\r" stays "\r"
+    assert lines[:4] == ["before", "\rbar 1/2\rbar 2/2", "a line from python",
+                         lines[3]] and lines[3].endswith("WARNING ray.data._internal.progress: "
+                                                         "something else")
+    assert lines[4:] == ["unfinishedafter", ""]

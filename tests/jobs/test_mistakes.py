@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,38 @@ def _closed_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
+def fake_dashboard() -> Iterator[str]:
+    """A Ray dashboard's Jobs API on loopback that knows no job (what `panoray logs` of a
+    wrong id meets); yields its URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Dashboard(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == "/api/version":
+                status, body = 200, json.dumps({"version": "4", "ray_version": "2.60.0",
+                                                "ray_commit": "0"})
+            else:
+                status, body = 404, f"Job {self.path.rsplit('/', 1)[-1]} does not exist"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, fake_dashboard) -> dict[str, str]:
     """The files the mistakes are made with; {name: path}."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -60,6 +92,8 @@ def world(tmp_path_factory) -> dict[str, str]:
                                    "  env_vars: {aws_secret_access_key: x}\n")
     (w / "dtype.yaml").write_text("kind: finetune\ntrain: t\nstorage: s\nbundle_dtype: int8\n")
     (w / "ok.yaml").write_text("kind: segment\nsrc: s3://a/in\ndst: s3://a/out\nmodel: m\n")
+    (w / "rel.yaml").write_text("kind: segment\nsrc: photos/in\ndst: s3://a/out\nmodel: m\n")
+    (w / "abs.yaml").write_text(f"kind: finetune\ntrain: s3://a/t\nstorage: {w}/runs\n")
     doc = {"images": [], "annotations": [], "categories": []}
     for split in ("train", "gt"):
         (w / split / "images").mkdir(parents=True)
@@ -68,13 +102,16 @@ def world(tmp_path_factory) -> dict[str, str]:
     (w / "nopngs.json").write_text(json.dumps(doc))
     (w / "segout" / "data").mkdir(parents=True)
     paths = {p.name.replace(".", "_"): str(p) for p in w.iterdir()}
-    return {**paths, "w": str(w), "bundle": str(SHIPPED_MODEL), "port": str(_closed_port())}
+    return {**paths, "w": str(w), "bundle": str(SHIPPED_MODEL), "port": str(_closed_port()),
+            "dashboard": fake_dashboard}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def warm_imports():
     """What a command imports once per process (torch, the bundle reader, the stages), so that a
     row's time is the time of its checks."""
+    import ray.job_submission  # noqa: F401
+
     import model.bundle  # noqa: F401
     import pipeline.segment.predictor  # noqa: F401
     import pipeline.segment.sources  # noqa: F401
@@ -165,6 +202,32 @@ TABLE = [
     ("show-model-scheme", "show {segout} {w}/ov --model foo://m", ["foo://m"], ["ov"]),
     ("show-categories-not-json", "show {segout} {w}/ov --categories {photo_jpg}",
      ["photo.jpg"], ["ov"]),
+    # report
+    ("report-no-output", "report {w}/noout {w}/rep", ["noout", "panoray segment"], ["rep"]),
+    ("report-dst-a-file", "report {segout} {afile_txt}", ["afile.txt"], []),
+    ("report-dst-below-a-file", "report {segout} {afile_txt}/sub", ["afile.txt"], []),
+    ("report-dst-scheme", "report {segout} foo://r", ["foo://r"], []),
+    ("report-dst-is-output", "report {segout} {segout}", ["segment output itself"], []),
+    ("report-both-label-spaces", "report {segout} {w}/rep --model {bundle} --categories "
+     "{gt}/panoptic.json", ["--model", "--categories", "not both"], ["rep"]),
+    ("report-model-missing", "report {segout} {w}/rep --model {w}/nobundle", ["nobundle"],
+     ["rep"]),
+    ("report-model-a-file", "report {segout} {w}/rep --model {afile_txt}", ["afile.txt"],
+     ["rep"]),
+    ("report-categories-not-json", "report {segout} {w}/rep --categories {photo_jpg}",
+     ["photo.jpg", "not JSON"], ["rep"]),
+    ("report-categories-empty", "report {segout} {w}/rep --categories {nopngs_json}",
+     ["nopngs.json", "no categories"], ["rep"]),
+    ("report-gt-missing", "report {segout} {w}/rep --gt {w}/missing.json", ["--gt",
+     "missing.json"], ["rep"]),
+    ("report-gt-a-jpg", "report {segout} {w}/rep --gt {photo_jpg}", ["photo.jpg", "not JSON"],
+     ["rep"]),
+    ("report-gt-no-pngs", "report {segout} {w}/rep --gt {nopngs_json}", ["nopngs"], ["rep"]),
+    ("report-gt-folder-alone", "report {segout} {w}/rep --gt-folder {gt}/panoptic",
+     ["--gt-folder", "--gt GT_JSON"], ["rep"]),
+    ("report-limit-negative", "report {segout} {w}/rep --limit -1", ["--limit", "-1"], ["rep"]),
+    ("report-empty-output", "report {segout} {w}/rep", ["no segment output", "segout"],
+     ["rep"]),
     # convert
     ("convert-junk-pkl", "convert --from detectron2 {junk_pkl} {w}/b --preset tiny",
      ["junk.pkl", "not a detectron2"], ["b"]),
@@ -200,9 +263,21 @@ TABLE = [
      ["specdir"], []),
     ("submit-spec-bad-yaml", "submit {bad_yaml} --address http://127.0.0.1:{port}",
      ["bad.yaml:3:5:"], []),
+    # a local path for a remote cluster: refused before the address is even tried
+    ("submit-relative-path-remote", "submit {rel_yaml} --address http://head.invalid:8265",
+     ["src 'photos/in'", "relative path", "s3://", "--paths-on-cluster"], []),
+    ("submit-local-path-remote", "submit {abs_yaml} --address http://head.invalid:8265",
+     ["storage '{w}/runs'", "path on this machine", "--paths-on-cluster"], ["runs"]),
+    # logs
+    ("logs-unknown-job", "logs raysubmit_nosuchjob --address {dashboard}",
+     ["has no job 'raysubmit_nosuchjob'", "{dashboard}"], []),
+    ("logs-not-a-job-id", "logs raysubmit/../x --address {dashboard}",
+     ["'raysubmit/../x'", "not a job id"], []),
+    ("logs-address-closed", "logs raysubmit_x --address http://127.0.0.1:{port}",
+     ["127.0.0.1:{port}"], []),
 ]
 SUBPROCESS = ["segment-src-scheme", "spec-a-folder", "synth-train-negative",
-              "submit-address-without-http"]
+              "submit-address-without-http", "submit-relative-path-remote"]
 
 
 def _argv(line: str, world: dict[str, str]) -> list[str]:
@@ -235,6 +310,10 @@ def _run_in_process(argv: list[str], capsys) -> tuple[int, str, float]:
 def test_a_mistake_is_one_sentence(row, world, capsys, monkeypatch):
     name, line, words, not_created = row
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # submit's and logs' token discovery may set RAY_AUTH_MODE: as it was again after the row
+    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", ""))
+    if not os.environ["RAY_AUTH_MODE"]:
+        monkeypatch.delenv("RAY_AUTH_MODE")
     code, err, took = _run_in_process(_argv(line, world), capsys)
     assert code == 2, err
     _error_line(err, words, world)
@@ -247,8 +326,8 @@ def test_a_mistake_is_one_sentence(row, world, capsys, monkeypatch):
 def test_the_table_is_long_and_covers_every_command():
     assert len(TABLE) >= 30
     commands = {line.split()[0] for _, line, _, _ in TABLE}
-    assert commands == {"segment", "finetune", "evaluate", "show", "convert", "synth", "demo",
-                        "submit"}
+    assert commands == {"segment", "finetune", "evaluate", "show", "report", "convert", "synth",
+                        "demo", "submit", "logs"}
     assert set(SUBPROCESS) <= {row[0] for row in TABLE}
 
 

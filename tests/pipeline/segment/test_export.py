@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,40 @@ def test_names_are_stable_and_errors_counted_with_progress(output, tmp_path, cap
     export_output(output, str(tmp_path / "b"), categories=str(tmp_path / "cats.json"))
     assert (tmp_path / "a" / "panoptic.json").read_bytes() == \
         (tmp_path / "b" / "panoptic.json").read_bytes()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("command, line", [("export", "export coco-panoptic: 3 of 3 images"),
+                                           ("show", "show: 3 of 3 overlays")])
+def test_progress_is_log_lines_off_a_terminal_and_one_line_redrawn_on_one(
+        command, line, output, coco_sample, tmp_path, capsys, caplog, monkeypatch):
+    import pipeline.progress
+
+    cats = str(coco_sample / "panoptic_coco_categories.json")
+    argv = [command, output, str(tmp_path / "a"), "--categories", cats]
+    monkeypatch.setattr(pipeline.progress, "EVERY_S", 0.0)  # in a log: a record per image
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    assert "\r" not in capsys.readouterr().err  # stderr is no terminal here: never a redraw
+    records = [r.getMessage() for r in caplog.records if r.getMessage().startswith(line[:6])]
+    assert len([m for m in records if " of 3 " in m]) == 3 and line in records[-1], records
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main([*argv[:2], str(tmp_path / "b"), *argv[3:], "--no-progress"]) == 0
+    assert not [r for r in caplog.records if " of 3 " in r.getMessage()]
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with caplog.at_level(logging.INFO):
+        assert main([*argv[:2], str(tmp_path / "c"), *argv[3:]]) == 0
+    drawn = terminal.getvalue()
+    assert f"\r{line}" in drawn and drawn.endswith("\n"), drawn  # the line, then below it
+    assert not [r for r in caplog.records if " of 3 " in r.getMessage()]
 
 
 def test_categories_missing_from_the_label_space_are_refused_before_writing(output, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -262,6 +263,11 @@ def test_cli_runs_a_users_own_predictor_class(tmp_path):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[3])
     assert run.returncode == 0, run.stderr[-3000:]
+    # a healthy run is quiet: no WARNING or ERROR line, Ray's own (C++ "E" lines) included
+    loud = [line for line in run.stderr.splitlines()
+            if re.search(r"\b(WARNING|ERROR)\b|^\[[^\]]* [EW] \d+ \d+\]", line)]
+    assert not loud, "\n".join(loud)
+    assert "committed shard" in run.stderr  # the progress that --no-progress leaves
     rows = read_output(str(dst)).to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"]
     for row in rows:
