@@ -92,6 +92,7 @@ class PanopticPredictor:
                  compile: bool | str = False):
         if (bundle is None) == (model is None):
             raise ValueError("pass exactly one of a bundle URI or a model")
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
@@ -132,6 +133,11 @@ class PanopticPredictor:
         Returns, per photo in input order, (id map (H, W) int32, segments_info: a list of {id,
         category_id, isthing, score}, one per segment id in the map).
         """
+        # torch's intra-op thread count is per calling thread under OpenMP: a thread other
+        # than the constructor's (Ray Data calls a pool's UDF from a thread of its own, where
+        # OMP_NUM_THREADS, Ray's 1 for a 1-CPU actor, applies) would otherwise run one thread.
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         inference = self.config.inference
         originals = [_photo_size(i, im) for i, im in enumerate(images)]
         sizes = []

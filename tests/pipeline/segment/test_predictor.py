@@ -183,3 +183,20 @@ def test_a_compiled_predictor_answers_as_the_eager_one(predictor):
                                                 predictor.predict(images)):
         np.testing.assert_array_equal(ids, ref_ids)
         assert [s["category_id"] for s in segs] == [s["category_id"] for s in ref_segs]
+
+
+def test_predict_uses_its_threads_in_whatever_thread_calls_it(predictor):
+    """Ray Data calls a pool's UDF from a thread of its own, where torch's per-thread OpenMP
+    setting is Ray's OMP_NUM_THREADS=1 of a 1-CPU actor: the constructor's `threads` must hold
+    there too (it did not: the CPU predictor ran one thread, half the model's speed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    two = PanopticPredictor(model=predictor.model, batch_size=1, threads=2)
+
+    def call_from_a_thread_set_to_one():
+        torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a fresh thread
+        two.predict(_images([(64, 64)]))
+        return torch.get_num_threads()
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(call_from_a_thread_set_to_one).result() == 2

@@ -1,0 +1,31 @@
+"""`PanopticPredictor` that notes when each `predict` call starts and ends (for benchmarks).
+
+Importable by Ray workers as ``bench.timed_predictor:TimedPredictor`` with the repository root
+on PYTHONPATH. Each call appends ``start end images`` (wall-clock seconds, ``time.time()``, so
+comparable across processes on one machine) to the file named by ``PANORAY_BENCH_TIMES``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pipeline.segment.predictor import PanopticPredictor
+
+ENV = "PANORAY_BENCH_TIMES"
+
+
+class TimedPredictor(PanopticPredictor):
+    def predict(self, images):
+        start = time.time()
+        results = super().predict(images)
+        with open(os.environ[ENV], "a") as f:
+            f.write(f"{start:.6f} {time.time():.6f} {len(images)}\n")
+        return results
+
+
+def read_times(path: str) -> list[tuple[float, float, int]]:
+    """The (start, end, images) of every call, in start order."""
+    with open(path) as f:
+        rows = [line.split() for line in f if line.strip()]
+    return sorted((float(a), float(b), int(n)) for a, b, n in rows)
