@@ -139,10 +139,10 @@ def main() -> None:
     predictor = PanopticPredictor(bundle, batch_size=args.batch_size, threads=threads)
     arrays = [decode_image(b).array for b in images]
     predictor.predict([arrays[0]])  # warm-up
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(0, len(arrays), args.batch_size):
         predictor.predict(arrays[i:i + args.batch_size])
-    bare_s = time.perf_counter() - t0
+    bare_s, bare_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     bare_rate = len(arrays) / bare_s
     bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del predictor
@@ -178,11 +178,15 @@ def main() -> None:
     assert summary.images_failed == 0, summary.render()
     assert whole_n == len(images), (whole_n, len(images))
     calls = read_times(times_path)
-    first_start, last_end = calls[0][0], max(end for _, end, _ in calls)
+    first_start, last_end = calls[0][0], max(c[1] for c in calls)
     last_commit = commits.points[-1][0]
     steady_s = last_commit - first_start
     steady_rate = whole_n / steady_s
-    model_rate = sum(n for _, _, n in calls) / (last_end - first_start)
+    model_rate = sum(c[2] for c in calls) / (last_end - first_start)
+    busy = sum(c[1] - c[0] for c in calls)
+    print(f"predictor actor during its calls: {sum(c[3] for c in calls) / busy:.2f} cores busy "
+          f"on average, torch threads {sorted({c[4] for c in calls})}; bare: "
+          f"{bare_cpu / bare_s:.2f} cores")
     whole_rate = whole_n / whole_s
     print(f"steady-state window: {len(calls)} predictor calls from {first_start - t_start:.1f} s "
           f"into the run; the model's last call ended {last_end - first_start:.1f} s later, "

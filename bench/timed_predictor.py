@@ -1,14 +1,18 @@
 """`PanopticPredictor` that notes when each `predict` call starts and ends (for benchmarks).
 
 Importable by Ray workers as ``bench.timed_predictor:TimedPredictor`` with the repository root
-on PYTHONPATH. Each call appends ``start end images`` (wall-clock seconds, ``time.time()``, so
-comparable across processes on one machine) to the file named by ``PANORAY_BENCH_TIMES``.
+on PYTHONPATH. Each call appends ``start end images cpu threads`` (wall-clock seconds,
+``time.time()``, so comparable across processes on one machine; the process's CPU seconds
+during the call; torch's thread count in the calling thread) to the file named by
+``PANORAY_BENCH_TIMES``.
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+import torch
 
 from pipeline.segment.predictor import PanopticPredictor
 
@@ -17,15 +21,16 @@ ENV = "PANORAY_BENCH_TIMES"
 
 class TimedPredictor(PanopticPredictor):
     def predict(self, images):
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         results = super().predict(images)
         with open(os.environ[ENV], "a") as f:
-            f.write(f"{start:.6f} {time.time():.6f} {len(images)}\n")
+            f.write(f"{start:.6f} {time.time():.6f} {len(images)} "
+                    f"{time.process_time() - cpu:.3f} {torch.get_num_threads()}\n")
         return results
 
 
-def read_times(path: str) -> list[tuple[float, float, int]]:
-    """The (start, end, images) of every call, in start order."""
+def read_times(path: str) -> list[tuple[float, float, int, float, int]]:
+    """The (start, end, images, cpu seconds, threads) of every call, in start order."""
     with open(path) as f:
         rows = [line.split() for line in f if line.strip()]
-    return sorted((float(a), float(b), int(n)) for a, b, n in rows)
+    return sorted((float(a), float(b), int(n), float(c), int(t)) for a, b, n, c, t in rows)

@@ -79,7 +79,9 @@ class PanopticPredictor:
         batch_size: images per forward pass.
         amp: autocast (bfloat16 where supported, else float16) on CUDA; default on for CUDA.
         threads: torch intra-op threads on the CPU (Ray sets OMP_NUM_THREADS to the actor's CPU
-            reservation; a predictor that should use more cores says so here).
+            reservation; a predictor that should use more cores says so here). The setting
+            holds in the thread that builds the predictor (OpenMP's are per thread): call
+            `predict` from that thread (the segment job does).
         device_resize: resize on the device (:func:`resize_on_device`) rather than on the host
             with Pillow; default on for CUDA, off on the CPU.
         compile: `torch.compile` the inference forward (the model traces whole: one graph per
@@ -92,7 +94,6 @@ class PanopticPredictor:
                  compile: bool | str = False):
         if (bundle is None) == (model is None):
             raise ValueError("pass exactly one of a bundle URI or a model")
-        self.threads = threads
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
@@ -133,11 +134,6 @@ class PanopticPredictor:
         Returns, per photo in input order, (id map (H, W) int32, segments_info: a list of {id,
         category_id, isthing, score}, one per segment id in the map).
         """
-        # torch's intra-op thread count is per calling thread under OpenMP: a thread other
-        # than the constructor's (Ray Data calls a pool's UDF from a thread of its own, where
-        # OMP_NUM_THREADS, Ray's 1 for a 1-CPU actor, applies) would otherwise run one thread.
-        if self.threads and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
         inference = self.config.inference
         originals = [_photo_size(i, im) for i, im in enumerate(images)]
         sizes = []

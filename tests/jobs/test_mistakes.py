@@ -202,6 +202,21 @@ TABLE = [
     ("show-model-scheme", "show {segout} {w}/ov --model foo://m", ["foo://m"], ["ov"]),
     ("show-categories-not-json", "show {segout} {w}/ov --categories {photo_jpg}",
      ["photo.jpg"], ["ov"]),
+    # export
+    ("export-no-output", "export {w}/noout {w}/ex --model {bundle}", ["noout", "panoray segment"],
+     ["ex"]),
+    ("export-no-label-space", "export {segout} {w}/ex", ["--model", "--categories"], ["ex"]),
+    ("export-both-label-spaces", "export {segout} {w}/ex --model {bundle} --categories "
+     "{gt}/panoptic.json", ["not both"], ["ex"]),
+    ("export-format", "export {segout} {w}/ex --model {bundle} --format yolo", ["yolo"], ["ex"]),
+    ("export-dst-a-file", "export {segout} {afile_txt} --model {bundle}", ["afile.txt"], []),
+    ("export-dst-is-output", "export {segout} {segout} --model {bundle}",
+     ["segment output itself"], []),
+    ("export-dst-scheme", "export {segout} foo://r --model {bundle}", ["foo://r"], []),
+    ("export-model-missing", "export {segout} {w}/ex --model {w}/nobundle", ["nobundle"],
+     ["ex"]),
+    ("export-categories-not-json", "export {segout} {w}/ex --categories {photo_jpg}",
+     ["photo.jpg"], ["ex"]),
     # report
     ("report-no-output", "report {w}/noout {w}/rep", ["noout", "panoray segment"], ["rep"]),
     ("report-dst-a-file", "report {segout} {afile_txt}", ["afile.txt"], []),
@@ -326,8 +341,8 @@ def test_a_mistake_is_one_sentence(row, world, capsys, monkeypatch):
 def test_the_table_is_long_and_covers_every_command():
     assert len(TABLE) >= 30
     commands = {line.split()[0] for _, line, _, _ in TABLE}
-    assert commands == {"segment", "finetune", "evaluate", "show", "report", "convert", "synth",
-                        "demo", "submit", "logs"}
+    assert commands == {"segment", "finetune", "evaluate", "show", "report", "export", "convert",
+                        "synth", "demo", "submit", "logs"}
     assert set(SUBPROCESS) <= {row[0] for row in TABLE}
 
 

@@ -185,18 +185,38 @@ def test_a_compiled_predictor_answers_as_the_eager_one(predictor):
         assert [s["category_id"] for s in segs] == [s["category_id"] for s in ref_segs]
 
 
-def test_predict_uses_its_threads_in_whatever_thread_calls_it(predictor):
-    """Ray Data calls a pool's UDF from a thread of its own, where torch's per-thread OpenMP
-    setting is Ray's OMP_NUM_THREADS=1 of a 1-CPU actor: the constructor's `threads` must hold
-    there too (it did not: the CPU predictor ran one thread, half the model's speed)."""
+class _ThreadRecorder:
+    """A predictor that notes the threads it is built and called in."""
+
+    def __init__(self, model_uri, **options):
+        import threading
+
+        self.built_in = threading.get_ident()
+        self.called_in: list[int] = []
+
+    def predict(self, images):
+        import threading
+
+        self.called_in.append(threading.get_ident())
+        return [(np.zeros(im.shape[:2], np.int32), []) for im in images]
+
+
+def test_the_stage_calls_its_predictor_in_the_thread_that_built_it():
+    """Ray Data builds a pool's callable in the actor's main thread and calls it from another.
+    torch's OpenMP settings (set_num_threads) are per thread, and torch ops from a second thread
+    ran the model at a third of its speed: the stage keeps the predictor in one thread."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    two = PanopticPredictor(model=predictor.model, batch_size=1, threads=2)
-
-    def call_from_a_thread_set_to_one():
-        torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a fresh thread
-        two.predict(_images([(64, 64)]))
-        return torch.get_num_threads()
-
-    with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(call_from_a_thread_set_to_one).result() == 2
+    stage = PredictStage(_ThreadRecorder, "none")
+    assert stage.predictor.built_in != threading.get_ident()
+    images = _images([(8, 8), (8, 12)])
+    batch = {"image_id": np.array(["a", "b"], dtype=object),
+             "status": np.array(["ok", "ok"], dtype=object),
+             "error": np.array([None, None], dtype=object),
+             "image": np.array([images[0], images[1], None], dtype=object)[:2],
+             "height": np.array([8, 8]), "width": np.array([8, 12])}
+    with ThreadPoolExecutor(1) as pool:  # as Ray Data calls it
+        pool.submit(stage, dict(batch)).result()
+    stage(dict(batch))
+    assert stage.predictor.called_in == [stage.predictor.built_in] * 2
