@@ -705,7 +705,7 @@ def _add_evaluate(sub) -> None:
 
 def check_evaluate(args: argparse.Namespace) -> None:
     """PRED, GT, their PNG folders and --out, before any image is read."""
-    from model.storage import join, shown_uri
+    from model.storage import shown_uri
 
     def folder_of(json_uri: str, given: str | None, what: str) -> None:
         folder = given or (json_uri[: -len(".json")] if json_uri.endswith(".json") else None)
@@ -720,10 +720,7 @@ def check_evaluate(args: argparse.Namespace) -> None:
     if args.pred.endswith(".json"):
         _read_json(args.pred, "PRED", keys=("annotations",))
     else:
-        fs, path = _filesystem(join(args.pred, "data"), "PRED")
-        if not fs.isdir(path):
-            raise UserError(f"no segment output under {shown_uri(args.pred)}/data; run "
-                            "`panoray segment` first, or pass a prediction .json")
+        _check_segment_output(args.pred, "PRED", alternative=", or pass a prediction .json")
     _read_json(args.gt, "GT", keys=("annotations", "categories"))
     folder_of(args.gt, args.gt_folder, "--gt-folder")
     if args.pred.endswith(".json"):
@@ -758,6 +755,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_segment_output(uri: str, what: str, *, alternative: str = "") -> None:
+    """A segment job's output (URI/data is a folder), else one sentence."""
+    from model.storage import join, shown_uri
+
+    fs, path = _filesystem(join(uri, "data"), what)
+    if not fs.isdir(path):
+        raise UserError(f"no segment output under {shown_uri(uri)}/data; run `panoray segment` "
+                        f"first{alternative}")
+
+
+def _check_target_beside(dst: str, output: str, purpose: str) -> None:
+    """DST a folder target that is not the segment output itself."""
+    from model.storage import absolute, shown_uri
+
+    _check_folder_target(dst, "DST")
+    if absolute(shown_uri(dst)).rstrip("/") == absolute(shown_uri(output)).rstrip("/"):
+        raise UserError(f"DST {shown_uri(dst)} is the segment output itself; pass another "
+                        f"folder to {purpose}")
+
+
 def _add_show(sub) -> None:
     p = sub.add_parser("show", help="overlay pictures + contact sheet from a segment output",
                        description="Draw the segments of up to --limit images of a segment "
@@ -772,12 +789,7 @@ def _add_show(sub) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from model.storage import join, shown_uri
-
-    fs, path = _filesystem(join(args.output, "data"), "OUTPUT")
-    if not fs.isdir(path):
-        raise UserError(f"no segment output under {shown_uri(args.output)}/data; run "
-                        "`panoray segment` first")
+    _check_segment_output(args.output, "OUTPUT")
     _check_folder_target(args.dst, "DST")
     if args.model:
         _check_bundle(args.model)
@@ -814,16 +826,8 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from model.storage import join, shown_uri
-
-    fs, path = _filesystem(join(args.output, "data"), "OUT")
-    if not fs.isdir(path):
-        raise UserError(f"no segment output under {shown_uri(args.output)}/data; run "
-                        "`panoray segment` first")
-    _check_folder_target(args.dst, "DST")
-    if shown_uri(args.dst).rstrip("/") == shown_uri(args.output).rstrip("/"):
-        raise UserError(f"DST {shown_uri(args.dst)} is the segment output itself; pass another "
-                        "folder to export into")
+    _check_segment_output(args.output, "OUT")
+    _check_target_beside(args.dst, args.output, "export into")
     if bool(args.model) == bool(args.categories):
         raise UserError("export needs the label space once: pass --model BUNDLE or "
                         "--categories FILE" + (", not both" if args.model else ""))
@@ -863,16 +867,10 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from model.storage import absolute, join, shown_uri
+    from model.storage import shown_uri
 
-    fs, path = _filesystem(join(args.output, "data"), "OUTPUT")
-    if not fs.isdir(path):
-        raise UserError(f"no segment output under {shown_uri(args.output)}/data; run "
-                        "`panoray segment` first")
-    _check_folder_target(args.dst, "DST")
-    if absolute(shown_uri(args.dst)).rstrip("/") == absolute(shown_uri(args.output)).rstrip("/"):
-        raise UserError(f"DST {shown_uri(args.dst)} is the segment output itself; pass another "
-                        "folder to write the report into")
+    _check_segment_output(args.output, "OUTPUT")
+    _check_target_beside(args.dst, args.output, "write the report into")
     if args.model and args.categories:
         raise UserError("report takes the class names once: pass --model BUNDLE or "
                         "--categories JSON, not both")
