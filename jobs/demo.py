@@ -6,7 +6,8 @@
    the exact command is in its README), or, with ``--train-steps N``, trains ``tiny`` itself;
 3. segments the archive on a local Ray into Parquet (one row per image);
 4. evaluates PQ against the synthetic ground truth;
-5. draws overlays and a contact sheet; and prints where everything is.
+5. draws overlays and a contact sheet, writes the HTML report (`panoray report`), and prints
+   where everything is.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
     from pipeline.coco.synth import make_synthetic_dataset
     from pipeline.segment.job import run_segment
     from pipeline.segment.output import evaluate_output, results_json
+    from pipeline.segment.report import prepare_report, write_report
     from pipeline.segment.show import show
 
     t0 = time.time()
     data, archive = join(out, "synthetic"), join(out, "archive")
-    segments, overlays = join(out, "segments"), join(out, "overlays")
+    segments, overlays, report = join(out, "segments"), join(out, "overlays"), join(out, "report")
     print(f"[1/5] synthetic dataset -> {data}")
     # 96 px: the size the shipped model was trained at (jobs/demo_model/README.md)
     make_synthetic_dataset(data, num_train=(1000 if train_steps else 0), num_val=num_val,
@@ -87,13 +89,16 @@ def run_demo(*, out: str = "demo-out", train_steps: int | None = None, num_val: 
     fs, path = get_filesystem(join(out, "pq.json"))
     fs.pipe_file(path, results_json(evaluation).encode())
 
-    print(f"[5/5] overlays -> {overlays}")
-    shown = show(segments, overlays, model=model, limit=16)
+    print(f"[5/5] overlays -> {overlays}, report -> {report}")
+    shown = show(segments, overlays, model=model, limit=16, progress=False)
+    page = write_report(prepare_report(segments, model=model, gt=gt, progress=False), report,
+                        progress=False)
     took = time.time() - t0
     pq = evaluation.results["All"]["pq"]
     print(f"\nDone in {took:.0f} s. PQ {pq:.3f} on {n} images.")
     print(f"  archive:   {archive}\n  model:     {model}\n  output:    {segments}/data/*.parquet"
           f"\n  PQ:        {join(out, 'pq.json')}\n  overlays:  {overlays} "
-          f"(contact sheet: {shown.contact_sheet})")
+          f"(contact sheet: {shown.contact_sheet})\n  report:    {page.report} (open it in a "
+          "browser)")
     return {"pq": pq, "seconds": took, "images": n, "segments": segments,
-            "contact_sheet": shown.contact_sheet}
+            "contact_sheet": shown.contact_sheet, "report": page.report}

@@ -35,6 +35,8 @@ def test_demo_writes_archive_output_pq_and_overlays(tmp_path, ray_local, capsys)
     pq = json.loads((tmp_path / "demo" / "pq.json").read_text())
     assert pq["images_gt"] == pq["images_matched"] == 6
     assert Path(result["contact_sheet"]).exists()
+    page = Path(result["report"]).read_text()
+    assert "<html" in page.lower() and "overlays/" in page
     for step in ("[1/5]", "[3/5]", "[5/5]", "Done in"):
         assert step in printed
 
