@@ -522,9 +522,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     check_segment(params)
     from pipeline.segment.job import run_segment
 
-    # Ray Data draws bars on stderr when stdout is a terminal (else it logs every 10 s): a
-    # stderr that is no terminal gets no bars.
-    progress = not args.no_progress and (_isatty(sys.stderr) or not _isatty(sys.stdout))
+    # Ray Data draws bars on stderr when stdout is a terminal, else it logs a block of a dozen
+    # lines every 10 s: only a terminal on stderr gets them. Off a terminal the job's own line
+    # per committed shard (counts and rate so far) is the progress.
+    progress = not args.no_progress and _isatty(sys.stderr) and _isatty(sys.stdout)
     created = not _exists(params.dst)
     try:
         with _quiet_stderr():
