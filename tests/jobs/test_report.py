@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from segment_helpers import commit_ground_truth_as_output
 
 from jobs.cli import main
 from jobs.demo import SHIPPED_MODEL
@@ -320,22 +321,9 @@ def test_without_names_or_ground_truth_and_progress_on_the_log(world, tmp_path, 
 def test_real_photos_with_a_categories_file_and_a_gt_folder(coco_sample, tmp_path, capsys):
     """The two COCO photos, predicted as their ground truth: PQ 100, the 125 COCO classes that
     neither holds are left out of the per-class table, the overlays keep the photos' size."""
-    meta = json.loads((coco_sample / "panoptic_examples.json").read_text())
-    cats_file = coco_sample / "panoptic_coco_categories.json"
-    cats = {c["id"]: c for c in json.loads(cats_file.read_text())}
-    rows = []
-    for ann in meta["annotations"]:
-        stem = ann["file_name"].rsplit(".", 1)[0]
-        ids = read_panoptic_png(str(coco_sample / "panoptic" / ann["file_name"]))
-        png, segments = encode_result(ids, [
-            {"id": s["id"], "category_id": s["category_id"],
-             "isthing": bool(cats[s["category_id"]]["isthing"]), "score": 1.0}
-            for s in ann["segments_info"]])
-        rows.append(ok_row(image_id=f"val2017/{stem}.jpg",
-                           image_uri=str(coco_sample / "images" / f"{stem}.jpg"), shard="s",
-                           width=ids.shape[1], height=ids.shape[0], panoptic_png=png,
-                           segments_info=segments, model_id="m@0"))
-    OutputStore(str(tmp_path / "out")).commit_shard("s", to_table(rows))
+    cats_file, meta, cats, rows = commit_ground_truth_as_output(
+        coco_sample, str(tmp_path / "out"), image_id=lambda stem: f"val2017/{stem}.jpg",
+        image_uri=lambda stem: str(coco_sample / "images" / f"{stem}.jpg"))
     code = main(["report", str(tmp_path / "out"), str(tmp_path / "r"), "--categories",
                  str(cats_file), "--gt", str(coco_sample / "panoptic_examples.json"),
                  "--gt-folder", str(coco_sample / "panoptic")])

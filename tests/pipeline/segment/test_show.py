@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
-from segment_helpers import tiny_bundle
+from segment_helpers import commit_ground_truth_as_output, tiny_bundle
 
 from model.bundle import read_bundle_config
-from pipeline.coco.panoptic_io import read_panoptic_png
-from pipeline.segment.commits import OutputStore
-from pipeline.segment.schema import encode_result, ok_row, to_table
 from pipeline.segment.show import load_categories, show
 
 
 def test_overlays_and_contact_sheet_from_output(coco_sample, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(coco_sample / "images", images)
-    meta = json.loads((coco_sample / "panoptic_examples.json").read_text())
-    cats_file = coco_sample / "panoptic_coco_categories.json"
-    cats = {c["id"]: c for c in json.loads(cats_file.read_text())}
-    rows = []
-    for ann in meta["annotations"]:
-        stem = ann["file_name"].rsplit(".", 1)[0]
-        ids = read_panoptic_png(str(coco_sample / "panoptic" / ann["file_name"]))
-        png, segments = encode_result(ids, [
-            {"id": s["id"], "category_id": s["category_id"],
-             "isthing": bool(cats[s["category_id"]]["isthing"]), "score": 1.0}
-            for s in ann["segments_info"]])
-        rows.append(ok_row(image_id=f"{stem}.jpg", image_uri=str(images / f"{stem}.jpg"),
-                           shard="s", width=ids.shape[1], height=ids.shape[0],
-                           panoptic_png=png, segments_info=segments, model_id="m@0"))
-    OutputStore(str(tmp_path / "out")).commit_shard("s", to_table(rows))
+    cats_file, meta, cats, rows = commit_ground_truth_as_output(
+        coco_sample, str(tmp_path / "out"), image_id=lambda stem: f"{stem}.jpg",
+        image_uri=lambda stem: str(images / f"{stem}.jpg"))
 
     summary = show(str(tmp_path / "out"), str(tmp_path / "pics"), categories=str(cats_file))
     assert summary.skipped == [] and len(summary.written) == 2
