@@ -305,6 +305,17 @@ def test_training_forward_loss_and_backward_on_the_device(preset, autocast, back
             assert p.grad.device.type == "cuda" and p.grad.dtype == torch.float32, name
 
 
+def _tiny_training_on_fake_cuda():
+    """(mode, tiny in train mode on fake CUDA, its criterion there)."""
+    mode = FakeTensorMode()
+    net = fake_cuda_model("tiny", mode)
+    with mode:
+        net.train()
+        criterion = build_criterion(LossConfig(num_points=256),
+                                    num_classes=net.config.num_classes).to("cuda")
+    return mode, net, criterion
+
+
 def test_float16_training_step_with_grad_scaler(monkeypatch):
     """The float16 recipe (`pipeline.train.loop`): the audited forward, scaled backward,
     unscale, clip, update; all on the device. Only `scaler.step` reads back (whether to skip
@@ -314,12 +325,8 @@ def test_float16_training_step_with_grad_scaler(monkeypatch):
 
     # GradScaler("cuda") switches itself off without a driver, as autocast does.
     monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
-    mode = FakeTensorMode()
-    net = fake_cuda_model("tiny", mode)
+    mode, net, criterion = _tiny_training_on_fake_cuda()
     with mode:
-        net.train()
-        criterion = build_criterion(LossConfig(num_points=256),
-                                    num_classes=net.config.num_classes).to("cuda")
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler("cuda")
         assert scaler.is_enabled()
@@ -359,12 +366,8 @@ def test_make_fx_records_the_joint_training_graph():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     autocast = torch.float16
-    mode = FakeTensorMode()
-    net = fake_cuda_model("tiny", mode)
+    mode, net, criterion = _tiny_training_on_fake_cuda()
     with mode:
-        net.train()
-        criterion = build_criterion(LossConfig(num_points=256),
-                                    num_classes=net.config.num_classes).to("cuda")
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         names = [n for n, _ in named]
         images = torch.empty(2, 3, *SIZE, device="cuda")
