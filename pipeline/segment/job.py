@@ -1,8 +1,8 @@
 """The segment job on Ray Data: image shards at SRC -> one Parquet row per image at DST.
 
-    list shards -> skip committed -> read (tasks) -> decode (tasks) -> predict (actor pool)
-      -> encode + stage parts (tasks: rows go straight to storage) -> driver: shard names and
-      ordinals only -> one authorised commit per complete shard (a task: parts -> shard file)
+    list shards -> skip committed -> read + decode (tasks) -> predict, then encode + stage
+      parts (actor pool: rows go straight to storage) -> driver: shard names and ordinals
+      only -> one authorised commit per complete shard (committer actors: parts -> shard file)
 
 The driver never sees a row: it deals in shard names, part names and counts, so its CPU and
 memory do not grow with the number or size of images. Exactly once: a shard's rows land in
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
+from ray.data.block import BlockAccessor
 
 from model.bundle import read_bundle_config
 from model.storage import redact
@@ -36,7 +37,7 @@ from pipeline.segment.commits import (
     shard_key,
 )
 from pipeline.segment.predictor import PanopticPredictor, load_predictor
-from pipeline.segment.rows import END, PredictStage, decode_stage, read_shard, stage_parts
+from pipeline.segment.rows import END, PredictStage, read_decode_stage
 from pipeline.segment.schema import OUTPUT_SCHEMA
 from pipeline.segment.sources import Skipped, check_output_place, list_shards
 
@@ -75,7 +76,8 @@ class SegmentSummary:
 
 
 IO_NICE = 10  # priority drop of read / decode / encode tasks beside CPU-only predictors
-ROWS_PER_CALL = 16  # rows per decode task and per predictor-actor call
+ROWS_PER_CALL = 16  # photos per decode batch and per predict() call
+CALLS_PER_ACTOR = 2  # blocks an actor takes at a time: it encodes one while it predicts the next
 
 
 @dataclass
@@ -300,29 +302,45 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixe
     ctx.enable_progress_bars = progress
     ds = ray.data.from_items([{"shard": dataclasses.asdict(s)} for s in pending],
                              override_num_blocks=max(1, len(pending)))
-    # CPU-only predictors: the I/O tasks run at a lower priority than the model's threads.
+    # CPU-only predictors: the I/O work runs at a lower priority than the model's threads.
     nice = IO_NICE if res.gpus_per_actor == 0 else 0
-    ds = ds.flat_map(read_shard, fn_kwargs={"nice": nice})
-    # Decoding gets its own CPU tasks (fractional CPUs keep it from being fused into the
-    # predictor actors, where it would stall the model).
-    # Photos travel at their original size: the predictor owns the test-time resize.
-    # ROWS_PER_CALL rows per task and per actor call (the predictor makes its own forward
-    # batches of batch_size): every task costs the driver's scheduler CPU, whatever its size.
-    ds = ds.map_batches(decode_stage, batch_size=ROWS_PER_CALL, batch_format="numpy",
-                        num_cpus=0.5, fn_kwargs={"max_pixels": max_pixels, "nice": nice})
-    ds = ds.map_batches(
+    # Every task and every operator costs the driver's scheduler CPU, whatever its size, so
+    # there are two operators and a task per shard in each (a block: up to Ray Data's target
+    # block size). Reading and decoding share a task on a fraction of a CPU (it keeps them
+    # from being fused into the predictor actors, where they would stall the model). Photos
+    # travel at their original size: the predictor owns the test-time resize.
+    ds = ds.map_batches(read_decode_stage, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                        fn_kwargs={"max_pixels": max_pixels, "nice": nice,
+                                   "rows_per_batch": ROWS_PER_CALL})
+    # A predictor actor takes a block per call, ROWS_PER_CALL photos per predict() (the
+    # predictor makes its own forward batches of batch_size), then encodes the results and
+    # writes them as parts in the call's thread while its predictor thread starts on the next
+    # block: id maps never enter the object store, and the GPU is not kept waiting on the PNG
+    # encoder.
+    return ds.map_batches(
         PredictStage,
         fn_constructor_args=(predictor, model,
                              {"batch_size": batch_size, "threads": res.threads_per_actor,
                               **({"compile": True} if compile else {})}),
-        batch_size=max(batch_size, ROWS_PER_CALL),
+        fn_constructor_kwargs={"parts": {"dst": dst, "run_id": run_id, "nice": nice},
+                               "rows_per_call": max(batch_size, ROWS_PER_CALL)},
+        batch_size=None,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=res.num_actors, max_size=res.num_actors),
+        compute=ActorPoolStrategy(min_size=res.num_actors, max_size=res.num_actors,
+                                  max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                  enable_true_multi_threading=True),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )
-    return ds.map_batches(stage_parts, batch_size=None, batch_format="numpy",
-                          fn_kwargs={"dst": dst, "run_id": run_id, "nice": nice})
+
+
+def _metadata_blocks(ds):
+    """The blocks of metadata rows the pool hands on, as Arrow tables, as they come."""
+    # Not iter_batches: its prefetching and re-batching threads cost the driver CPU for
+    # blocks of a few rows.
+    for bundle in ds.iter_internal_ref_bundles():
+        for block in ray.get([entry.ref for entry in bundle.blocks]):
+            yield BlockAccessor.for_block(block).to_arrow()
 
 
 # Commits run on a few long-lived actors (a task per commit kept starting fresh workers, each
@@ -381,7 +399,7 @@ def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: in
                      "images/s)", c.shard, summary.shards_done, total, summary.images_ok,
                      summary.images_failed, rate)
 
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in _metadata_blocks(ds):
         for row in batch.to_pylist():
             shard = row["shard"]
             if row["kind"] == END:

@@ -1,13 +1,15 @@
 """The row-level stages of the segment job, free of Ray so they can be tested alone.
 
-    read_shard -> decode_stage -> PredictStage (the actor pool) -> stage_parts
+    read_decode_stage (tasks) -> PredictStage (the actor pool: predict, then stage_parts)
 
 Each input shard yields one row per image, numbered by its *ordinal* (0..n-1 in the shard's
 own order, the same on every retry), then one *end marker* row (``kind == "end"``) carrying n.
-Rows flow on through decoding and prediction; :func:`stage_parts` encodes the results, writes
-each shard's rows in the batch as one *part* under an attempt-unique name
-(``pipeline.segment.commits``), and hands on only small metadata rows (shard, part name,
-ordinals, counts): no image bytes travel to the coordinator.
+Rows are decoded in the task that reads them (:func:`read_decode_stage`) and flow on to the
+predictor actors. A :class:`PredictStage` given an output (``parts=``) encodes its results and
+writes each shard's rows of the block as one *part* under an attempt-unique name
+(:func:`stage_parts`, ``pipeline.segment.commits``) in the thread of the call, while the
+actor's predictor thread goes on with the next block; it hands on only small metadata rows
+(shard, part name, ordinals, counts): no image bytes and no id maps travel any further.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,19 +40,20 @@ _PASS_THROUGH = ("image_id", "image_uri", "shard", "kind", "ordinal", "end_count
 PART = "part"  # a metadata row of stage_parts: one part written
 
 
-_niced = False
+_niced = threading.local()
 
 
 def yield_cpu(nice: int) -> None:
-    """Lower this worker process's CPU priority by `nice`, once per process (0: leave it).
+    """Lower the calling thread's CPU priority by `nice`, once per thread (0: leave it).
 
-    On a CPU-only node the predictor's threads and the I/O tasks share the cores; every time
-    a task preempts one thread of a multi-threaded torch op, the whole op waits. A lower
-    priority for the tasks keeps the model's threads running and the tasks in the gaps.
+    On a CPU-only node the predictor's threads and the I/O work share the cores; every time
+    the I/O preempts one thread of a multi-threaded torch op, the whole op waits. A lower
+    priority for the I/O keeps the model's threads running and the I/O in the gaps. (Linux
+    keeps a priority per thread: a predictor actor's call threads, which encode and write,
+    drop theirs; its predictor thread and the OpenMP threads it starts keep theirs.)
     """
-    global _niced
-    if nice > 0 and not _niced:
-        _niced = True
+    if nice > 0 and not getattr(_niced, "done", False):
+        _niced.done = True
         try:
             os.nice(nice)
         except OSError:  # not permitted here: run at normal priority
@@ -96,6 +100,30 @@ def decode_stage(batch: dict[str, Any], *, max_pixels: int, nice: int = 0) -> di
             out["error"][i] = None
     out["status"] = status
     return {k: _as_array(v) for k, v in out.items()}
+
+
+def read_decode_stage(batch: pa.Table, *, max_pixels: int, nice: int = 0,
+                      rows_per_batch: int = 16) -> Iterator[dict[str, Any]]:
+    """Shards (a ``shard`` column) -> their rows decoded, `rows_per_batch` at a time.
+
+    :func:`read_shard` then :func:`decode_stage` in one task: a shard's photos are decoded
+    where its bytes were read, and only the decoded photos travel on (one task and one
+    operator fewer for the driver to schedule). Yielding in batches bounds the task's memory;
+    Ray Data packs what it yields into blocks of at most its target block size.
+    """
+    for shard in batch.column("shard").to_pylist():
+        chunk: list[dict[str, Any]] = []
+        for row in read_shard({"shard": shard}, nice=nice):
+            chunk.append(row)
+            if len(chunk) == rows_per_batch:
+                yield decode_stage(_columns(chunk), max_pixels=max_pixels, nice=nice)
+                chunk = []
+        if chunk:
+            yield decode_stage(_columns(chunk), max_pixels=max_pixels, nice=nice)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 def encode_stage(batch: dict[str, Any], *, model_id: str | None = None,
@@ -156,14 +184,22 @@ class PredictStage:
 
     Built once per actor: ``predictor_cls(model_uri, **options)``, with only the options its
     constructor takes (``batch_size``, ``threads``...). Per batch it hands the decoded photos of
-    the rows whose status is "ok" to ``predict(images)`` and adds columns `panoptic` (the id
-    map at the photo's size, raw bytes in the narrowest integer dtype that holds its ids: 1
-    byte a pixel for the usual few hundred segments), `panoptic_dtype`, `segments` (JSON) and
-    `model_id`, and drops `image`. Other rows pass through; a batch the predictor fails on, or
-    answers wrongly (a count or a map size that does not fit), becomes error rows.
+    the rows whose status is "ok" to ``predict(images)``, at most `rows_per_call` photos a
+    call, and adds columns `panoptic` (the id map at the photo's size, raw bytes in the
+    narrowest integer dtype that holds its ids: 1 byte a pixel for the usual few hundred
+    segments), `panoptic_dtype`, `segments` (JSON) and `model_id`, and drops `image`. Other
+    rows pass through; a call the predictor fails on, or answers wrongly (a count or a map
+    size that does not fit), makes error rows of its photos.
+
+    With `parts` (``{"dst": ..., "run_id": ..., "nice": ...}``) the batch's results are then
+    encoded and staged as parts (:func:`stage_parts`) and only metadata rows are returned. The
+    predictor runs in one thread of its own, so an actor that takes two calls at a time
+    (Ray Data's ``max_concurrent_calls_per_actor``) encodes and writes one block while it
+    predicts the next.
     """
 
-    def __init__(self, predictor_cls: type, model_uri: str, options: dict | None = None):
+    def __init__(self, predictor_cls: type, model_uri: str, options: dict | None = None, *,
+                 parts: dict[str, Any] | None = None, rows_per_call: int = 16):
         # The predictor is built, and always called, in one thread of its own. Ray Data builds
         # a pool's callable in the actor's main thread and calls it from another; torch's
         # OpenMP thread settings are per thread, and a second thread running torch ops beside
@@ -173,6 +209,8 @@ class PredictStage:
             predictor_cls, model_uri, **_accepted(predictor_cls, options or {})).result()
         self.model_id = getattr(self.predictor, "model_id", None) or \
             f"{predictor_cls.__module__}.{predictor_cls.__qualname__}:{model_uri}"
+        self.parts = parts
+        self.rows_per_call = max(1, rows_per_call)
 
     def _predict(self, images: list) -> list:
         if self._thread is None:
@@ -180,16 +218,28 @@ class PredictStage:
         return self._thread.submit(self.predictor.predict, images).result()
 
     @classmethod
-    def wrapping(cls, predictor: Any, model_id: str | None = None) -> PredictStage:
+    def wrapping(cls, predictor: Any, model_id: str | None = None, *,
+                 parts: dict[str, Any] | None = None, rows_per_call: int = 16) -> PredictStage:
         """A stage around an already built predictor (tests, notebooks)."""
         stage = cls.__new__(cls)
         stage._thread = None  # called in the caller's thread
         stage.predictor = predictor
         stage.model_id = model_id or getattr(predictor, "model_id", None) or \
             type(predictor).__qualname__
+        stage.parts = parts
+        stage.rows_per_call = max(1, rows_per_call)
         return stage
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = self.predict_batch(batch)
+        if self.parts is None:
+            return batch
+        if self.parts.get("nice"):
+            yield_cpu(self.parts["nice"])  # this call thread encodes and writes: below the model
+        return stage_parts(batch, **self.parts)
+
+    def predict_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its predictions (the columns above), `image` dropped."""
         status = list(batch["status"])
         images = batch.pop("image")
         n = len(status)
@@ -198,18 +248,19 @@ class PredictStage:
         dtypes: list[Any] = [None] * n
         segments: list[Any] = [None] * n
         errors = list(batch.get("error", [None] * n))
-        if todo:
+        for start in range(0, len(todo), self.rows_per_call):
+            call = todo[start:start + self.rows_per_call]
             try:
-                done = self._predict([images[i] for i in todo])
-                if len(done) != len(todo):
-                    raise ValueError(f"predict returned {len(done)} results for {len(todo)} "
+                done = self._predict([images[i] for i in call])
+                if len(done) != len(call):
+                    raise ValueError(f"predict returned {len(done)} results for {len(call)} "
                                      "images")
             except (RuntimeError, ValueError, TypeError) as e:  # e.g. CUDA OOM on a huge image
                 log.exception("the predictor failed on a batch")
                 done = []
-                for i in todo:
+                for i in call:
                     status[i], errors[i] = "error", f"model failed: {e}"
-            for i, (ids, info) in zip(todo, done):
+            for i, (ids, info) in zip(call, done):
                 ids = np.asarray(ids)
                 if ids.shape != images[i].shape[:2] or not np.issubdtype(ids.dtype, np.integer):
                     status[i], errors[i] = "error", (
