@@ -1,6 +1,7 @@
 """Segment at cluster scale: the real segment job around a stand-in predictor, cost per image.
 
-Runs ``run_segment`` (read -> decode -> predictor pool -> stage_parts -> one commit per shard)
+Runs ``run_segment`` (read + decode -> predictor pool, which encodes and stages parts -> one
+commit per shard)
 over WebDataset tar shards of 640 x 480 JPEGs in a local folder, with the stand-in predictor
 of ``bench/standin.py`` (a fixed service time per image, a fixed three-segment answer), on
 (a) one local node (``ray.init(num_cpus=2)``, one CPU predictor actor) and (b) a three-node
@@ -10,9 +11,10 @@ one-shard warm-up job that starts Ray's workers. Printed, as Markdown tables:
 
 1. images/s through the whole job (listing, actor start and the last commit included);
 2. CPU-ms per image per stage: user + system CPU time of every Ray process, sampled every
-   0.2 s with psutil and grouped by process title (``ray::FlatMap(read_shard)``,
-   ``MapBatches(decode_stage)``, the ``MapWorker(...)`` predictor actors, ``stage_parts``,
-   ``commit_shard_parts``; raylet / GCS / agents as "Ray system"), divided by the images; beside
+   0.2 s with psutil and grouped by process title (``MapBatches(read_decode_stage)``, the
+   ``MapWorker(...)`` predictor actors, which also encode and write the parts, the committers;
+   before: ``FlatMap(read_shard)``, ``MapBatches(decode_stage)``, ``stage_parts`` /
+   ``encode_stage`` tasks; raylet / GCS / agents as "Ray system"), divided by the images; beside
    it Ray Data's own per-operator CPU time (``cpu_time`` of its stats) as a cross-check;
 3. driver CPU-ms per image (this process, user + system, during ``run_segment``, less the
    sampling thread);
@@ -52,9 +54,11 @@ MARK = "SCALE-RESULT "
 # size 800 / 1333, zero-cost stand-in).
 ISSUE = {"images_s": 29.7, "driver_ms": 2.5, "encode_ms": 27.0, "decode_ms": 12.0}
 
-STAGES = ["read", "decode", "predict actor", "encode + parts", "commit", "start-up / idle",
-          "other ray::", "Ray system"]
-WORK_STAGES = ["read", "decode", "predict actor", "encode + parts", "commit"]
+# "predict actor" is the predictor actors' processes: since the two-operator job, that includes
+# encoding the results and writing the parts (their call threads); before, tasks did that.
+STAGES = ["read", "decode", "read + decode", "predict actor", "encode + parts", "commit",
+          "start-up / idle", "other ray::", "Ray system"]
+WORK_STAGES = ["read", "decode", "read + decode", "predict actor", "encode + parts", "commit"]
 
 
 def stage_of(title: str) -> str:
@@ -64,6 +68,8 @@ def stage_of(title: str) -> str:
         return "start-up / idle"  # an actor's constructor (imports...), a worker's start
     if "MapWorker" in title or "PredictStage" in title or "StandIn" in title:
         return "predict actor"
+    if "read_decode_stage" in title:
+        return "read + decode"
     if "read_shard" in title:
         return "read"
     if "decode_stage" in title:
@@ -380,7 +386,7 @@ def driver_capacity(fit: tuple[float, float, tuple[str, str]]) -> float:
     return (1000.0 - per_second) / per_image if per_image > 0 else float("inf")
 
 
-def print_tables(runs: list[tuple[dict, dict]], jpeg_bytes: float, batch_size: int) -> None:
+def print_tables(runs: list[tuple[dict, dict]], jpeg_bytes: float, per_shard: int) -> None:
     new = [(c, r) for c, r in runs if c["code"] == "new"]
     old = [(c, r) for c, r in runs if c["code"] == "old"]
     old0 = next((r for c, r in old if c["service_ms"] == 0), None)
@@ -413,26 +419,27 @@ def print_tables(runs: list[tuple[dict, dict]], jpeg_bytes: float, batch_size: i
               f"{total:.2f} |")
     print("\nRay Data's own CPU time per operator (task-side `cpu_time`, ms/image; a "
           "cross-check of the process figures):\n")
-    print("| run | read_shard | decode_stage | predictor (MapBatches) | stage_parts / "
-          "encode_stage |")
-    print("|---|---|---|---|---|")
+    print("| run | read_shard | decode_stage | read_decode_stage | predictor (MapBatches; "
+          "+ encode + parts after) | encode_stage |")
+    print("|---|---|---|---|---|---|")
     for c, r in runs:
         pred = "PredictStage" if c["code"] == "new" else "StandIn"
-        enc = "stage_parts" if c["code"] == "new" else "encode_stage"
-        print(f"| {c['label']} | {_rd_ms(r, 'read_shard')} | {_rd_ms(r, 'decode_stage')} | "
-              f"{_rd_ms(r, pred)} | {_rd_ms(r, enc)} |")
+        print(f"| {c['label']} | {_rd_ms(r, 'FlatMap(read_shard')} | "
+              f"{_rd_ms(r, '(decode_stage')} | {_rd_ms(r, 'read_decode_stage')} | "
+              f"{_rd_ms(r, pred)} | {_rd_ms(r, 'encode_stage')} |")
     n0 = next((r for c, r in new if c["service_ms"] == 0 and c["mode"] == "local"), None)
     if old0 and n0:
         print("\nSide by side, zero-cost stand-in, local node (ms/image; ratio = before / "
               "after):\n")
         print("| stage | before (issue) | before (measured) | after | ratio (measured) |")
         print("|---|---|---|---|---|")
-        rows = [("decode (+ resize before)", "decode", ISSUE["decode_ms"]),
-                ("encode (+ parts after)", "encode + parts", ISSUE["encode_ms"]),
-                ("read", "read", None), ("predict actor (host)", "predict actor", None),
-                ("commit task", "commit", None)]
-        for name, stage, issue in rows:
-            b, a = _ms(old0, stage), _ms(n0, stage)
+        rows = [("read + decode (+ resize before)", ("read", "decode", "read + decode"),
+                 ISSUE["decode_ms"]),
+                ("predict actor (host) + encode", ("predict actor", "encode + parts"),
+                 ISSUE["encode_ms"]),
+                ("commit", ("commit",), None)]
+        for name, stages, issue in rows:
+            b, a = (sum(_ms(x, stage) for stage in stages) for x in (old0, n0))
             print(f"| {name} | {issue if issue is not None else '-'} | {b:.2f} | {a:.2f} | "
                   f"{_ratio(a, b, higher_better=False)} |")
         b, a = _driver_ms(old0), _driver_ms(n0)
@@ -473,22 +480,25 @@ def print_tables(runs: list[tuple[dict, dict]], jpeg_bytes: float, batch_size: i
     print("\n## 5. Object-store bytes per image\n")
     meta = 250  # routing columns of a row: ids, uri, shard, kind, ordinal... (estimate)
     seg_json = len(json.dumps([{"id": 1, "category_id": 1, "isthing": True, "score": 0.9}] * 3))
-    parts_meta = 8 + 300 / batch_size  # ordinals (8 B each) + one part row per batch (estimate)
+    parts_meta = 8 + 300 / per_shard  # ordinals (8 B each) + a part row per shard (estimate)
     print("| hop | estimate after (B) | measured after (Ray Data) | estimate before (B) | "
           "measured before (Ray Data) |")
     print("|---|---|---|---|---|")
     test_h, test_w = 800, 800 * WIDTH // HEIGHT
+    # after: read and decode share a task, and the predictor actors encode: two hops
     hops = [
-        ("read -> decode (JPEG + row)", jpeg_bytes + meta, "read_shard", jpeg_bytes + meta,
-         "read_shard"),
-        ("decode -> predictor (photo)", WIDTH * HEIGHT * 3 + meta, "decode_stage",
+        ("read -> decode (JPEG + row)", None, None, jpeg_bytes + meta, "read_shard"),
+        ("decode -> predictor (photo)", WIDTH * HEIGHT * 3 + meta, "read_decode_stage",
          test_h * test_w * 3 + meta, "decode_stage"),
-        ("predictor -> encode (id map)", WIDTH * HEIGHT * 1 + seg_json + meta, "PredictStage",
+        ("predictor -> encode (id map)", None, None,
          WIDTH * HEIGHT * 4 + seg_json + meta, "StandIn"),
-        ("encode -> driver", parts_meta, "stage_parts", None, "encode_stage"),
+        ("encode -> driver", parts_meta, "PredictStage", None, "encode_stage"),
     ]
     for name, est, word, est_old, word_old in hops:
-        m_new = _rd_bytes(n0, word) if n0 else "-"
+        if est is None:
+            m_new, est = "none (same task)", 0
+        else:
+            m_new = _rd_bytes(n0, word) if n0 else "-"
         m_old = _rd_bytes(old0, word_old) if old0 else "-"
         e_old = f"{est_old:,.0f}" if est_old is not None else "PNG + segments_info + columns"
         print(f"| {name} | {est:,.0f} | {m_new} | {e_old} | {m_old} |")
@@ -496,7 +506,7 @@ def print_tables(runs: list[tuple[dict, dict]], jpeg_bytes: float, batch_size: i
           f"{HEIGHT} x 3 uint8 (after; the predictor resizes on its device), before resized on "
           f"the CPU to {test_w} x {test_h} x 3; id map uint8 after (ids < 256), int32 before; "
           f"~{meta} B of routing columns per row; the driver gets one metadata row per part "
-          f"(batch of {batch_size}) plus 8 B per ordinal after, every output row before. "
+          f"(a shard's rows in a block) plus 8 B per ordinal after, every output row before. "
           "Measured: the summed `output_size_bytes` of each operator's blocks in Ray Data's "
           "stats, divided by the images.")
 
@@ -504,7 +514,8 @@ def print_tables(runs: list[tuple[dict, dict]], jpeg_bytes: float, batch_size: i
     if base:
         print("\n## Capacity (for the README)\n")
         print("CPU-ms per image around the model = read + decode + encode/parts + commit + "
-              "the predictor actor's host work (zero-cost stand-in runs; Ray system processes "
+              "the predictor actor's host work (after: the actor encodes and writes the parts "
+              "too; zero-cost stand-in runs; Ray system processes "
               "and the driver apart). Cores per GPU = that x rate / 1000; GPUs per driver = "
               "the rate at which the driver's fitted CPU (per image + per second, above) "
               "reaches one core / rate per GPU (before: 1000 / driver CPU-ms per image / rate)."
@@ -600,7 +611,7 @@ def main() -> None:
                 runs.append((cfg, result))
                 shutil.rmtree(cfg["work"], ignore_errors=True)
         if runs:
-            print_tables(runs, jpeg_bytes, args.batch_size)
+            print_tables(runs, jpeg_bytes, args.per_shard)
         if args.verbose:
             for cfg, r in runs:
                 top = sorted(r["titles"].items(), key=lambda kv: -kv[1])[:12]

@@ -41,7 +41,7 @@ _USER_ERRORS = (
     ("jobs.spec", "SpecError"),
     ("pipeline.segment.commits", "OutputLocked"),
     ("model.bundle", "BundleError"),  # bad format, config or weights (mismatch too)
-    ("pipeline.segment.predictor", "PredictorError"),
+    ("pipeline.segment.rows", "PredictorError"),
     ("model.convert_detectron2", "UnsafeCheckpointError"),
     ("botocore.exceptions", "NoCredentialsError"),
     ("botocore.exceptions", "PartialCredentialsError"),
@@ -339,7 +339,7 @@ def check_segment(p) -> None:
         _check_ray_address(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
     _check_source(p.src, files_per_shard=p.files_per_shard, image_column=p.image_column)
     if p.predictor and isinstance(p.predictor, str):
-        from pipeline.segment.predictor import load_predictor
+        from pipeline.segment.rows import load_predictor
 
         load_predictor(p.predictor)  # PredictorError: one sentence
     elif not p.predictor:

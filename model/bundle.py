@@ -24,18 +24,20 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import nn
 
 from model.config import Mask2FormerConfig
-from model.mask2former import build_model
 from model.storage import filesystem_for, join, shown_uri
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported by the functions that touch weights: reading a bundle's config (all a
+# segment job's driver does with it) costs no import of torch.
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,6 +77,8 @@ def save_bundle(net: nn.Module, uri: str, *, name: str | None = None,
     `load_bundle` copies them into the model's float32 parameters. `filesystem`: an fsspec
     filesystem to use instead of the one `uri` implies (e.g. with custom credentials).
     """
+    from safetensors.torch import save as save_safetensors
+
     config = _config_of(net)
     name = name or config.name
     state = _plain_state_dict(net)
@@ -117,6 +121,10 @@ def load_bundle(uri: str, *, map_location: str | torch.device = "cpu",
     The weights are read and hashed once; weights whose SHA-256 is not the one config.json
     records (altered or damaged after saving) are refused with a BundleError.
     """
+    from safetensors.torch import load as load_safetensors
+
+    from model.mask2former import build_model
+
     fs, root = _resolve(uri, filesystem)
     manifest, config = _read_config(fs, root, uri)
     with fs.open(join(root, WEIGHTS_FILE), "rb") as f:

@@ -36,8 +36,13 @@ from pipeline.segment.commits import (
     WriterLock,
     shard_key,
 )
-from pipeline.segment.predictor import PanopticPredictor, load_predictor
-from pipeline.segment.rows import END, PredictStage, read_decode_stage
+from pipeline.segment.rows import (
+    DEFAULT_PREDICTOR,
+    END,
+    PredictStage,
+    load_predictor,
+    read_decode_stage,
+)
 from pipeline.segment.schema import OUTPUT_SCHEMA
 from pipeline.segment.sources import Skipped, check_output_place, list_shards
 
@@ -135,14 +140,16 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
     dst=..., model=..., batch_size=8)`), or a params object (`run_segment(params=p)`; keywords
     given beside it override its fields). `progress`: Ray Data's progress bars. `predictor`: the
     class of the predictor actors, or its "package.module:Class" name (default
-    PanopticPredictor): any class that follows the predictor contract, built once per actor as
+    PanopticPredictor, which the driver names and only the actors import, with torch): any
+    class that follows the predictor contract, built once per actor as
     `predictor(model, **options)` (of batch_size and threads, those its constructor takes),
     `predict(images)` -> [(id_map, segments_info)].
     """
-    predictor = p.predictor or PanopticPredictor
-    if isinstance(predictor, str):
-        predictor = load_predictor(predictor)
-    if not (isinstance(predictor, type) and callable(getattr(predictor, "predict", None))):
+    predictor = p.predictor or DEFAULT_PREDICTOR
+    if isinstance(predictor, str) and predictor != DEFAULT_PREDICTOR:
+        predictor = load_predictor(predictor)  # a user's class: found here, or one sentence
+    if predictor != DEFAULT_PREDICTOR and not (
+            isinstance(predictor, type) and callable(getattr(predictor, "predict", None))):
         raise TypeError(f"predictor must be a class with a predict(images) method, got "
                         f"{predictor!r}")
     started = time.time()
@@ -190,8 +197,8 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
     return summary
 
 
-def _prepare_run(p: SegmentParams, predictor: type) -> None:
-    if predictor is PanopticPredictor:
+def _prepare_run(p: SegmentParams, predictor: type | str) -> None:
+    if predictor == DEFAULT_PREDICTOR:
         read_bundle_config(p.model)  # config.json only: a bad bundle fails here, early
     _ensure_ray(p.address)
 

@@ -254,34 +254,6 @@ def _photo_size(index: int, image: np.ndarray) -> Size:
     return int(image.shape[0]), int(image.shape[1])
 
 
-class PredictorError(ValueError):
-    """A predictor class that cannot be used as named."""
-
-
-def load_predictor(spec: str) -> type:
-    """The predictor class named "package.module:Class" (a user's own segmenter).
-
-    Raises PredictorError with one sentence when the name is malformed, the module cannot be
-    imported, or the attribute is missing or has no predict method.
-    """
-    module_name, sep, class_name = spec.partition(":")
-    if not sep or not module_name or not class_name:
-        raise PredictorError(f"--predictor {spec!r} is not package.module:Class, e.g. "
-                         "mypkg.segmenters:MySegmenter")
-    import importlib
-
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise PredictorError(f"--predictor {spec!r}: cannot import {module_name} ({e}); install it "
-                         "or put it on PYTHONPATH, on every node") from None
-    cls = getattr(module, class_name, None)
-    if not isinstance(cls, type) or not callable(getattr(cls, "predict", None)):
-        raise PredictorError(f"--predictor {spec!r}: {module_name} has no class {class_name} with "
-                         "a predict(images) method")
-    return cls
-
-
 def default_threads() -> int:
     """Torch threads for a CPU predictor: every core Ray would not otherwise use."""
     return max(1, os.cpu_count() or 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import importlib
 import inspect
 import json
 import logging
@@ -179,13 +180,45 @@ def _as_array(values) -> np.ndarray:
     return out
 
 
+# The default predictor, named rather than imported: the driver of a segment job never imports
+# torch (the actors do, when they build it).
+DEFAULT_PREDICTOR = "pipeline.segment.predictor:PanopticPredictor"
+
+
+class PredictorError(ValueError):
+    """A predictor class that cannot be used as named."""
+
+
+def load_predictor(spec: str) -> type:
+    """The predictor class named "package.module:Class" (a user's own segmenter).
+
+    Raises PredictorError with one sentence when the name is malformed, the module cannot be
+    imported, or the attribute is missing or has no predict method.
+    """
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise PredictorError(f"--predictor {spec!r} is not package.module:Class, e.g. "
+                         "mypkg.segmenters:MySegmenter")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PredictorError(f"--predictor {spec!r}: cannot import {module_name} ({e}); install it "
+                         "or put it on PYTHONPATH, on every node") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type) or not callable(getattr(cls, "predict", None)):
+        raise PredictorError(f"--predictor {spec!r}: {module_name} has no class {class_name} with "
+                         "a predict(images) method")
+    return cls
+
+
 class PredictStage:
     """The predictor pool's Ray Data callable around any predictor that follows the contract.
 
-    Built once per actor: ``predictor_cls(model_uri, **options)``, with only the options its
-    constructor takes (``batch_size``, ``threads``...). Per batch it hands the decoded photos of
-    the rows whose status is "ok" to ``predict(images)``, at most `rows_per_call` photos a
-    call, and adds columns `panoptic` (the id map at the photo's size, raw bytes in the
+    Built once per actor: ``predictor_cls(model_uri, **options)`` (a class, or its
+    "package.module:Class" name), with only the options its constructor takes
+    (``batch_size``, ``threads``...). Per batch it hands the decoded photos of the rows whose
+    status is "ok" to ``predict(images)``, at most `rows_per_call` photos a call, and adds
+    columns `panoptic` (the id map at the photo's size, raw bytes in the
     narrowest integer dtype that holds its ids: 1 byte a pixel for the usual few hundred
     segments), `panoptic_dtype`, `segments` (JSON) and `model_id`, and drops `image`. Other
     rows pass through; a call the predictor fails on, or answers wrongly (a count or a map
@@ -198,8 +231,10 @@ class PredictStage:
     predicts the next.
     """
 
-    def __init__(self, predictor_cls: type, model_uri: str, options: dict | None = None, *,
+    def __init__(self, predictor_cls: type | str, model_uri: str, options: dict | None = None, *,
                  parts: dict[str, Any] | None = None, rows_per_call: int = 16):
+        if isinstance(predictor_cls, str):
+            predictor_cls = load_predictor(predictor_cls)
         # The predictor is built, and always called, in one thread of its own. Ray Data builds
         # a pool's callable in the actor's main thread and calls it from another; torch's
         # OpenMP thread settings are per thread, and a second thread running torch ops beside

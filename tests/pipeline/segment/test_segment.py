@@ -237,17 +237,43 @@ def test_regrouped_loose_files_leave_no_duplicates(tmp_path):
     assert all(shard_key(s.id) in store.committed_keys() for s in after)
 
 
-def test_io_workers_lower_their_priority_once():
-    """yield_cpu drops a process's priority by the asked amount the first time only."""
+def test_io_workers_lower_their_priority_once_per_thread():
+    """yield_cpu drops the calling thread's priority by the asked amount, the first time only;
+    other threads (a predictor actor's predictor thread) keep theirs."""
     import subprocess
     import sys
 
-    code = ("import os; from pipeline.segment.rows import yield_cpu; "
-            "before = os.getpriority(os.PRIO_PROCESS, 0); yield_cpu(3); yield_cpu(3); "
-            "print(os.getpriority(os.PRIO_PROCESS, 0) - before)")
+    code = ("import os, threading; from pipeline.segment.rows import yield_cpu\n"
+            "get = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n"
+            "before = get(); yield_cpu(3); yield_cpu(3); main = get() - before\n"
+            "seen = {}\n"
+            "def other(): seen['untouched'] = get() - before\n"
+            "def encoder(): yield_cpu(2); yield_cpu(2); seen['encoder'] = get() - before\n"
+            "for f in (other, encoder):\n"
+            "    t = threading.Thread(target=f); t.start(); t.join()\n"
+            "print(main, seen['untouched'], seen['encoder'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[3])
-    assert out.stdout.strip() == "3"
+    # a new thread starts at its creator's priority (3): only its own call lowers it further
+    assert out.stdout.split() == ["3", "3", "5"]
+
+
+def test_the_driver_of_a_segment_job_never_imports_torch(tmp_path, bundle):
+    """The driver names the default predictor and reads the bundle's config.json only: torch
+    (seconds of start-up, hundreds of MB) is imported by the predictor actors alone."""
+    src, dst = tmp_path / "in", tmp_path / "out"
+    write_images(src, ["a.jpg"])
+    code = ("import atexit, runpy, sys\n"
+            "atexit.register(lambda: print('driver imported torch:', 'torch' in sys.modules, "
+            "file=sys.stderr))\n"
+            f"sys.argv = ['panoray', 'segment', {str(src)!r}, {str(dst)!r}, '--model', "
+            f"{bundle!r}]\n"
+            "runpy.run_module('jobs.cli', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[3])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "driver imported torch: False" in run.stderr, run.stderr[-3000:]
+    assert [r["status"] for r in read_output(str(dst)).to_pylist()] == ["ok"]
 
 
 def test_cli_runs_a_users_own_predictor_class(tmp_path):
