@@ -146,10 +146,10 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
     `predict(images)` -> [(id_map, segments_info)].
     """
     predictor = p.predictor or DEFAULT_PREDICTOR
-    if isinstance(predictor, str) and predictor != DEFAULT_PREDICTOR:
-        predictor = load_predictor(predictor)  # a user's class: found here, or one sentence
-    if predictor != DEFAULT_PREDICTOR and not (
-            isinstance(predictor, type) and callable(getattr(predictor, "predict", None))):
+    if isinstance(predictor, str):
+        if predictor != DEFAULT_PREDICTOR:  # a user's class: found here, or one sentence
+            predictor = load_predictor(predictor)
+    elif not (isinstance(predictor, type) and callable(getattr(predictor, "predict", None))):
         raise TypeError(f"predictor must be a class with a predict(images) method, got "
                         f"{predictor!r}")
     started = time.time()

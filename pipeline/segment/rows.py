@@ -269,8 +269,7 @@ class PredictStage:
         batch = self.predict_batch(batch)
         if self.parts is None:
             return batch
-        if self.parts.get("nice"):
-            yield_cpu(self.parts["nice"])  # this call thread encodes and writes: below the model
+        # encode_stage lowers this call thread's priority (parts' "nice"): below the model
         return stage_parts(batch, **self.parts)
 
     def predict_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
