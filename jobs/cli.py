@@ -1228,12 +1228,40 @@ def _quiet_stderr(noise: tuple[bytes, ...] = _STDERR_NOISE) -> Iterator[None]:
         os.dup2(saved, 2)  # processes that inherited the pipe keep writing through the pump
 
 
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")  # never imported: not up (and no import of Ray to find out)
+    return ray is not None and ray.is_initialized()
+
+
+def _shut_down_own_ray() -> None:
+    """Stop the Ray a command started, here rather than in Ray's atexit hook, with Ctrl-C held
+    off while its processes are stopped: a Ctrl-C just as a job ends is not a traceback."""
+    if not _ray_is_up():
+        return
+    import signal
+
+    import ray
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        ray.shutdown()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
+    ray_was_up = _ray_is_up()
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            if not ray_was_up:
+                _shut_down_own_ray()
     except KeyboardInterrupt:
         print("panoray: interrupted", file=sys.stderr)
         return 130

@@ -276,6 +276,30 @@ def test_the_driver_of_a_segment_job_never_imports_torch(tmp_path, bundle):
     assert [r["status"] for r in read_output(str(dst)).to_pylist()] == ["ok"]
 
 
+def test_a_ctrl_c_while_the_cli_stops_its_ray_is_not_a_traceback(tmp_path, bundle):
+    """A Ctrl-C just as a job ends lands while Ray's processes are being stopped; the CLI stops
+    the Ray it started itself, with Ctrl-C held off (in Ray's atexit hook it was a traceback)."""
+    src, dst = tmp_path / "in", tmp_path / "out"
+    write_images(src, ["a.jpg"])
+    code = ("import os, runpy, signal, sys, time\n"
+            "from ray._private.node import Node\n"
+            "real = Node.kill_all_processes\n"
+            "def kill_all_processes(self, *a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, at the worst moment\n"
+            "    time.sleep(0.2)\n"
+            "    return real(self, *a, **k)\n"
+            "Node.kill_all_processes = kill_all_processes\n"
+            f"sys.argv = ['panoray', 'segment', {str(src)!r}, {str(dst)!r}, '--model', "
+            f"{bundle!r}]\n"
+            "runpy.run_module('jobs.cli', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[3])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr, \
+        run.stderr[-3000:]
+    assert [r["status"] for r in read_output(str(dst)).to_pylist()] == ["ok"]
+
+
 def test_cli_runs_a_users_own_predictor_class(tmp_path):
     from pipeline.coco.panoptic_io import decode_panoptic_png
 
