@@ -258,46 +258,46 @@ def test_io_workers_lower_their_priority_once_per_thread():
     assert out.stdout.split() == ["3", "3", "5"]
 
 
-def test_the_driver_of_a_segment_job_never_imports_torch(tmp_path, bundle):
-    """The driver names the default predictor and reads the bundle's config.json only: torch
-    (seconds of start-up, hundreds of MB) is imported by the predictor actors alone."""
+def _segment_one_image_by_cli(tmp_path, bundle: str, prelude: str):
+    """`panoray segment` of one photo in a fresh interpreter that first runs `prelude`; checks
+    that it ended well with the photo's row, and returns the finished process."""
     src, dst = tmp_path / "in", tmp_path / "out"
     write_images(src, ["a.jpg"])
-    code = ("import atexit, runpy, sys\n"
-            "atexit.register(lambda: print('driver imported torch:', 'torch' in sys.modules, "
-            "file=sys.stderr))\n"
+    code = (prelude + "import runpy, sys\n"
             f"sys.argv = ['panoray', 'segment', {str(src)!r}, {str(dst)!r}, '--model', "
             f"{bundle!r}]\n"
             "runpy.run_module('jobs.cli', run_name='__main__')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, cwd=Path(__file__).resolve().parents[3])
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "driver imported torch: False" in run.stderr, run.stderr[-3000:]
     assert [r["status"] for r in read_output(str(dst)).to_pylist()] == ["ok"]
+    return run
+
+
+def test_the_driver_of_a_segment_job_never_imports_torch(tmp_path, bundle):
+    """The driver names the default predictor and reads the bundle's config.json only: torch
+    (seconds of start-up, hundreds of MB) is imported by the predictor actors alone."""
+    run = _segment_one_image_by_cli(tmp_path, bundle, (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('driver imported torch:', 'torch' in sys.modules, "
+        "file=sys.stderr))\n"))
+    assert "driver imported torch: False" in run.stderr, run.stderr[-3000:]
 
 
 def test_a_ctrl_c_while_the_cli_stops_its_ray_is_not_a_traceback(tmp_path, bundle):
     """A Ctrl-C just as a job ends lands while Ray's processes are being stopped; the CLI stops
     the Ray it started itself, with Ctrl-C held off (in Ray's atexit hook it was a traceback)."""
-    src, dst = tmp_path / "in", tmp_path / "out"
-    write_images(src, ["a.jpg"])
-    code = ("import os, runpy, signal, sys, time\n"
-            "from ray._private.node import Node\n"
-            "real = Node.kill_all_processes\n"
-            "def kill_all_processes(self, *a, **k):\n"
-            "    os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, at the worst moment\n"
-            "    time.sleep(0.2)\n"
-            "    return real(self, *a, **k)\n"
-            "Node.kill_all_processes = kill_all_processes\n"
-            f"sys.argv = ['panoray', 'segment', {str(src)!r}, {str(dst)!r}, '--model', "
-            f"{bundle!r}]\n"
-            "runpy.run_module('jobs.cli', run_name='__main__')")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, cwd=Path(__file__).resolve().parents[3])
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _segment_one_image_by_cli(tmp_path, bundle, (
+        "import os, signal, time\n"
+        "from ray._private.node import Node\n"
+        "real = Node.kill_all_processes\n"
+        "def kill_all_processes(self, *a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, at the worst moment\n"
+        "    time.sleep(0.2)\n"
+        "    return real(self, *a, **k)\n"
+        "Node.kill_all_processes = kill_all_processes\n"))
     assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr, \
         run.stderr[-3000:]
-    assert [r["status"] for r in read_output(str(dst)).to_pylist()] == ["ok"]
 
 
 def test_cli_runs_a_users_own_predictor_class(tmp_path):
