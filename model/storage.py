@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -75,26 +77,54 @@ def s3_attempts() -> int:
         return S3_ATTEMPTS
 
 
+# S3 filesystems made by get_filesystem, kept for reuse: making one builds a botocore client
+# (it loads and parses the service's JSON model, ~20-50 ms of CPU), which a worker would
+# otherwise pay for every shard it reads, every part it writes and every commit. The key holds
+# everything the filesystem was made from: the process (never shared across a fork), the
+# options (endpoint, retries) and the AWS_* environment (credentials, profile, region), so a
+# changed environment gets a new one. Listings are never cached in them (use_listings_cache).
+_S3_FILESYSTEMS: OrderedDict[tuple, fsspec.AbstractFileSystem] = OrderedDict()
+_S3_FILESYSTEMS_KEPT = 16
+_S3_FILESYSTEMS_LOCK = threading.Lock()
+
+
+def _s3_filesystem(protocol: str, options: dict) -> fsspec.AbstractFileSystem:
+    aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (os.getpid(), protocol, repr(options), aws_env)
+    with _S3_FILESYSTEMS_LOCK:
+        fs = _S3_FILESYSTEMS.get(key)
+        if fs is not None:
+            _S3_FILESYSTEMS.move_to_end(key)
+            return fs
+    fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+    fs.retries = S3FS_RETRIES  # s3fs takes it as an attribute, not an argument
+    with _S3_FILESYSTEMS_LOCK:
+        _S3_FILESYSTEMS[key] = fs
+        while len(_S3_FILESYSTEMS) > _S3_FILESYSTEMS_KEPT:
+            _S3_FILESYSTEMS.popitem(last=False)
+    return fs
+
+
 def get_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for any fsspec URI, with the S3 endpoint override applied."""
+    """(filesystem, path inside it) for any fsspec URI, with the S3 endpoint override applied.
+    S3 filesystems are reused within a process while their settings and AWS_* environment
+    stay the same."""
     clean, _ = split_endpoint(uri)
     protocol = urlsplit(clean).scheme
+    if protocol not in ("s3", "s3a"):
+        return fsspec.core.url_to_fs(clean)
     options: dict = {}
-    if protocol in ("s3", "s3a"):
-        endpoint = s3_endpoint(uri)
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-        options["config_kwargs"] = {
-            "retries": {"max_attempts": s3_attempts(),
-                        "mode": os.environ.get("AWS_RETRY_MODE", "standard")},
-            "connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S}
-        # Listings must see what another process just wrote (re-runs, concurrent writers).
-        options["use_listings_cache"] = False
-        options["skip_instance_cache"] = True
-    fs, path = fsspec.core.url_to_fs(clean, **options)
-    if protocol in ("s3", "s3a"):
-        fs.retries = S3FS_RETRIES  # s3fs takes it as an attribute, not an argument
-    return fs, path
+    endpoint = s3_endpoint(uri)
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    options["config_kwargs"] = {
+        "retries": {"max_attempts": s3_attempts(),
+                    "mode": os.environ.get("AWS_RETRY_MODE", "standard")},
+        "connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S}
+    # Listings must see what another process just wrote (re-runs, concurrent writers).
+    options["use_listings_cache"] = False
+    fs = _s3_filesystem(protocol, options)
+    return fs, fs._strip_protocol(clean)
 
 
 def pyarrow_filesystem(uri: str):
