@@ -58,6 +58,7 @@ bench: setup
 	$(PY) bench/model_speed.py
 	$(PY) bench/segment_job.py
 	$(PY) bench/encode.py
+	$(PY) bench/storage.py
 	$(PY) bench/train.py
 
 # Everything about the GPU path that needs a real GPU (see bench/gpu_check.py): run on a GPU

@@ -12,8 +12,11 @@ images over the time from the start of the predictor's first call (``bench/timed
 notes it) to the last shard commit, so the one-off costs before the model's first batch
 (listing, Ray start, actor start, model load) are left out, and what the I/O stages still do
 after the model's last batch (encode, commit) is counted. Beside it, the model's own rate inside
-the job (its first call's start to its last call's end) and the whole-run rate. Peak resident
-memory: the bare process; the job's driver plus all Ray processes, sampled every 0.2 s.
+the job (its first call's start to its last call's end) and the whole-run rate; where the CPU
+went over the steady-state window, process by process (``bench/proc_cpu.py``: the predictor
+actor, the Ray workers running read + decode and commits, the driver, raylet, GCS, the S3
+server). Peak resident memory: the bare process; the job's driver, all Ray processes and the S3
+server, sampled every 0.25 s.
 Default: `r50-coco-panoptic` (random weights) at 384 x 384.
 
 Run: ``python bench/segment_job.py [--preset r50-coco-panoptic] [--images 96] [--size 384]``.
@@ -26,50 +29,49 @@ import dataclasses
 import logging
 import os
 import resource
-import socket
 import sys
 import tempfile
-import threading
 import time
 
-import psutil
 import torch
 from pictures import smooth_jpegs
+from proc_cpu import ProcessCPU
+from s3_server import s3_server
 from timed_predictor import read_times
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bare_share(bundle: str, jpegs: list[bytes], batch_size: int, ready, results) -> None:
+    """One single-threaded bare predictor over its share of the photos (a spawned process)."""
+    from pipeline.segment.decode import decode_image
+    from pipeline.segment.predictor import PanopticPredictor
+
+    predictor = PanopticPredictor(bundle, batch_size=batch_size, threads=1)
+    arrays = [decode_image(b).array for b in jpegs]
+    predictor.predict([arrays[0]])  # warm-up
+    ready.wait()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(arrays), batch_size):
+        predictor.predict(arrays[i:i + batch_size])
+    results.put((time.perf_counter() - t0, time.process_time() - cpu0))
 
 
-class TreeMemory:
-    """Peak summed RSS of this process and all its descendants (Ray's workers included)."""
+def _bare_processes(bundle: str, jpegs: list[bytes], procs: int,
+                    batch_size: int) -> tuple[float, float]:
+    """(seconds until the last of `procs` single-threaded predictors, started together, is
+    through its share of `jpegs`; their CPU seconds)."""
+    import multiprocessing
 
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.wait(0.2):
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-
-    def __enter__(self) -> TreeMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    ctx = multiprocessing.get_context("spawn")
+    ready, results = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_bare_share,
+                           args=(bundle, jpegs[i::procs], batch_size, ready, results))
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    done = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+    return max(s for s, _ in done), sum(c for _, c in done)
 
 
 class CommitTimes(logging.Handler):
@@ -93,16 +95,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--per-shard", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help="predictor actors (default: the job's sizing)")
+    parser.add_argument("--cpus-per-actor", type=float, default=None)
+    parser.add_argument("--threads-per-actor", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
 
-    from moto.server import ThreadedMotoServer
+    # the S3 server runs in a process of its own: its CPU is counted apart from the driver's
+    with s3_server() as (server, endpoint):
+        run(args, server, endpoint)
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+
+def run(args: argparse.Namespace, server, endpoint: str) -> None:
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint,
                       AWS_ENDPOINT_URL_S3=endpoint)
@@ -135,7 +140,9 @@ def main() -> None:
     print(f"{args.preset} at {args.size}x{args.size}, {args.images} images, {threads} threads, "
           f"compiled op: {has_compiled_op()}")
 
-    # bare predictor, photos decoded in memory (it resizes them itself, as in the job)
+    # bare predictor, photos decoded in memory (it resizes them itself, as in the job): one
+    # process with every thread, then one single-threaded process per core side by side (on a
+    # CPU the faster of the two is the best the model does here; the job can run either way)
     predictor = PanopticPredictor(bundle, batch_size=args.batch_size, threads=threads)
     arrays = [decode_image(b).array for b in images]
     predictor.predict([arrays[0]])  # warm-up
@@ -143,9 +150,12 @@ def main() -> None:
     for i in range(0, len(arrays), args.batch_size):
         predictor.predict(arrays[i:i + args.batch_size])
     bare_s, bare_cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    bare_rate = len(arrays) / bare_s
     bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del predictor
+    split_s, split_cpu = _bare_processes(bundle, images, threads, args.batch_size)
+    bares = [(f"bare, 1 process x {threads} threads", len(arrays) / bare_s, bare_s, bare_cpu),
+             (f"bare, {threads} processes x 1 thread", len(arrays) / split_s, split_s, split_cpu)]
+    _, bare_rate, _, bare_cpu = max(bares, key=lambda b: b[1])
 
     # the job
     import ray
@@ -165,15 +175,18 @@ def main() -> None:
     job_log = logging.getLogger("pipeline.segment.job")
     job_log.addHandler(commits)
     job_log.setLevel(logging.INFO)
-    with TreeMemory() as memory:
+    sizing = {k: v for k, v in (("num_actors", args.num_actors),
+                                ("cpus_per_actor", args.cpus_per_actor),
+                                ("threads_per_actor", args.threads_per_actor)) if v is not None}
+    with ProcessCPU() as procs:
+        procs.watch(server.pid, "S3 server (moto)")
         t0, t_start = time.perf_counter(), time.time()
         summary = run_segment(src="s3://bench/archive", dst="s3://bench/out", model=bundle,
                               batch_size=args.batch_size, progress=False,
-                              predictor="bench.timed_predictor:TimedPredictor")
+                              predictor="bench.timed_predictor:TimedPredictor", **sizing)
         whole_s = time.perf_counter() - t0
     job_log.removeHandler(commits)
     ray.shutdown()
-    server.stop()
     whole_n = summary.images_ok
     assert summary.images_failed == 0, summary.render()
     assert whole_n == len(images), (whole_n, len(images))
@@ -186,22 +199,35 @@ def main() -> None:
     busy = sum(c[1] - c[0] for c in calls)
     print(f"predictor actor during its calls: {sum(c[3] for c in calls) / busy:.2f} cores busy "
           f"on average, torch threads {sorted({c[4] for c in calls})}; bare: "
-          f"{bare_cpu / bare_s:.2f} cores")
+          f"{bares[0][3] / bare_s:.2f} cores")
     whole_rate = whole_n / whole_s
     print(f"steady-state window: {len(calls)} predictor calls from {first_start - t_start:.1f} s "
           f"into the run; the model's last call ended {last_end - first_start:.1f} s later, "
           f"the last commit {steady_s:.1f} s later")
+    for pid in {c[5] for c in calls}:
+        procs.name(pid, "predictor actor")
+    cpu = procs.by_role(first_start, last_commit)
+    print(f"CPU over the steady-state window ({steady_s:.1f} s x {threads} cores = "
+          f"{steady_s * threads:.0f} core-s), by process:")
+    print(f"  {'':28s} {'core-s':>7s} {'cores':>6s} {'CPU-ms/image':>13s}")
+    for role, secs in sorted(cpu.items(), key=lambda kv: -kv[1]):
+        print(f"  {role:28s} {secs:7.1f} {secs / steady_s:6.2f} {1000 * secs / whole_n:13.0f}")
+    total = sum(cpu.values())
+    print(f"  {'all':28s} {total:7.1f} {total / steady_s:6.2f} {1000 * total / whole_n:13.0f}"
+          f"   (best bare: {1000 * bare_cpu / len(arrays):.0f} CPU-ms/image)")
     rows = [
-        ("bare predictor (in memory)", bare_rate, bare_s, bare_rss),
-        ("segment job, steady state", steady_rate, steady_s, memory.peak),
-        ("  its model alone (calls)", model_rate, last_end - first_start, memory.peak),
-        ("segment job, whole run", whole_rate, whole_s, memory.peak),
+        (bares[0][0], bares[0][1], bares[0][2], bare_rss),
+        (bares[1][0], bares[1][1], bares[1][2], None),  # RSS: not sampled across processes
+        ("segment job, steady state", steady_rate, steady_s, procs.peak_rss),
+        ("  its model alone (calls)", model_rate, last_end - first_start, procs.peak_rss),
+        ("segment job, whole run", whole_rate, whole_s, procs.peak_rss),
     ]
-    print(f"{'':30s} {'images/s':>9s} {'seconds':>8s} {'peak RSS':>10s} {'vs bare':>8s}")
+    print(f"{'':32s} {'images/s':>9s} {'seconds':>8s} {'peak RSS':>10s} {'vs bare':>8s}")
     for name, rate, seconds, rss in rows:
-        print(f"{name:30s} {rate:9.3f} {seconds:8.1f} {rss / 2**30:8.2f} GiB "
-              f"{rate / bare_rate:7.2f}x")
-    print(f"efficiency (steady state): {steady_rate / bare_rate:.2f}  (target >= 0.95)")
+        shown = f"{rss / 2**30:6.2f} GiB" if rss else f"{'-':>10s}"
+        print(f"{name:32s} {rate:9.3f} {seconds:8.1f} {shown} {rate / bare_rate:7.2f}x")
+    print(f"efficiency (steady state, vs the faster bare): {steady_rate / bare_rate:.2f}  "
+          f"(target >= 0.95)")
 
 
 if __name__ == "__main__":
