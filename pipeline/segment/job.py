@@ -95,10 +95,11 @@ class Resources:
 
 def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
                    cpus_per_actor: float, threads_per_actor: int | None) -> Resources:
-    """Size the predictor pool from the cluster: one actor per GPU, else leave CPU for I/O.
+    """Size the predictor pool from the cluster: one actor per GPU, else by CPUs.
 
-    On a CPU-only cluster the pool never takes every CPU: reading, decoding, encoding and
-    writing run as tasks and need at least one CPU of their own (a full pool deadlocks).
+    The pool never takes every CPU: reading and decoding run as tasks and need CPU of their own
+    (a full pool deadlocks). On a CPU-only cluster too many actors is an error; GPU actors
+    reserve less CPU each where the cluster has few CPUs per GPU.
     """
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 1)), float(total.get("GPU", 0))
@@ -126,6 +127,15 @@ def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
             f"{num_actors} predictor actors x {cpus_per_actor} CPUs would take every CPU of the "
             f"cluster ({cpus:g}); reading and decoding need one too: use at most "
             f"{max(1, fit)} actors")
+    if gpus_per_actor > 0:
+        # GPU actors must leave CPU for the read + decode tasks too: on a cluster with few CPUs
+        # per GPU their reservation shrinks (Ray would otherwise place every actor, no task,
+        # and the job would wait forever).
+        room = max(cpus - 1, cpus / 2)
+        if num_actors * cpus_per_actor > room:
+            cpus_per_actor = room / num_actors
+            log.info("%d GPU actors on %g CPUs: each reserves %.2f CPU, to leave room for "
+                     "reading and decoding", num_actors, cpus, cpus_per_actor)
     if threads_per_actor is None:
         threads_per_actor = max(1, (os.cpu_count() or 1) // num_actors) if gpus_per_actor == 0 \
             else 4
@@ -319,19 +329,22 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixe
     ds = ds.map_batches(read_decode_stage, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs={"max_pixels": max_pixels, "nice": nice,
                                    "rows_per_batch": ROWS_PER_CALL})
-    # A predictor actor takes a block per call, ROWS_PER_CALL photos per predict() (the
-    # predictor makes its own forward batches of batch_size), then encodes the results and
-    # writes them as parts in the call's thread while its predictor thread starts on the next
-    # block: id maps never enter the object store, and the GPU is not kept waiting on the PNG
-    # encoder.
+    # A predictor actor takes rows_per_call photos per call and per predict() (the predictor
+    # makes its own forward batches of batch_size), then encodes the results and writes them
+    # as parts in the call's thread while its predictor thread starts on the next batch: id
+    # maps never enter the object store, and the GPU is not kept waiting on the PNG encoder.
+    # The batch size is explicit (Ray Data refuses a GPU pool without one); the decode tasks'
+    # blocks hold that many rows, so a batch is mostly one block, and a batch with rows of
+    # several shards makes a part per shard.
+    rows_per_call = max(batch_size, ROWS_PER_CALL)
     return ds.map_batches(
         PredictStage,
         fn_constructor_args=(predictor, model,
                              {"batch_size": batch_size, "threads": res.threads_per_actor,
                               **({"compile": True} if compile else {})}),
         fn_constructor_kwargs={"parts": {"dst": dst, "run_id": run_id, "nice": nice},
-                               "rows_per_call": max(batch_size, ROWS_PER_CALL)},
-        batch_size=None,
+                               "rows_per_call": rows_per_call},
+        batch_size=rows_per_call,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=res.num_actors, max_size=res.num_actors,
                                   max_concurrent_calls_per_actor=CALLS_PER_ACTOR,

@@ -330,6 +330,31 @@ def test_cli_runs_a_users_own_predictor_class(tmp_path):
         assert row["model_id"] == "halves@v1"
 
 
+def test_a_job_on_a_cluster_with_gpus_runs_one_gpu_actor_per_gpu(tmp_path):
+    """On a cluster with GPUs (here a local Ray that says it has two: a fake resource) the pool
+    takes one actor per GPU by default, and the job runs through: Ray Data asks more of a
+    GPU pool's map_batches than of a CPU one (an explicit batch size), so a job that works on
+    CPUs only proved nothing about this path."""
+    src, dst = tmp_path / "in", tmp_path / "out"
+    write_images(src, [f"p{i}.jpg" for i in range(5)])
+    script = (
+        "import json, sys, ray\n"
+        "from pipeline.segment.job import run_segment\n"
+        "ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)\n"
+        f"s = run_segment(src={str(src)!r}, dst={str(dst)!r}, model='any', progress=False,\n"
+        "                predictor='standin_predictor:Halves')\n"
+        "print('RESULT', json.dumps([s.images_ok, s.images_failed]))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[3])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "RESULT [5, 0]" in run.stdout, run.stdout[-2000:]
+    rows = read_output(str(dst)).to_pylist()
+    assert sorted(r["image_id"] for r in rows) == [f"p{i}.jpg" for i in range(5)]
+    assert {r["model_id"] for r in rows} == {"halves@v1"}
+
+
 @pytest.mark.parametrize("spec, says", [("nocolon", "not package.module:Class"),
                                         ("no_such_module_xyz:C", "cannot import"),
                                         ("standin_predictor:Missing", "has no class Missing")])
