@@ -203,6 +203,10 @@ def run_segment(p: SegmentParams, *, progress: bool = True) -> SegmentSummary:
                                 progress=progress, predictor=predictor)
             _drain(ds, dst=p.dst, lock=lock, summary=summary, total=len(pending),
                    on_commit=regrouped.after_commit)
+            # Every shard's commit removed its parts; what is left under this run's staging
+            # was written by attempts whose answer was lost (a killed actor's call, retried
+            # elsewhere). Nothing reads those; they go now rather than at the next run.
+            store.clear_staging()
     summary.seconds = time.time() - started
     return summary
 
