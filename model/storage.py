@@ -78,11 +78,12 @@ def s3_attempts() -> int:
 
 
 # S3 filesystems made by get_filesystem, kept for reuse: making one builds a botocore client
-# (it loads and parses the service's JSON model, ~20-50 ms of CPU), which a worker would
-# otherwise pay for every shard it reads, every part it writes and every commit. The key holds
-# everything the filesystem was made from: the process (never shared across a fork), the
-# options (endpoint, retries) and the AWS_* environment (credentials, profile, region), so a
-# changed environment gets a new one. Listings are never cached in them (use_listings_cache).
+# (it loads and parses the service's JSON models: ~300 CPU-ms here, bench/storage.py), which a
+# worker would otherwise pay for every shard it reads, every part it writes and every commit.
+# The key holds everything the filesystem was made from: the process (never shared across a
+# fork), the options (endpoint, retries) and the AWS_* environment (credentials, profile,
+# region), so a changed environment gets a new one. Listings are never cached in them
+# (use_listings_cache).
 _S3_FILESYSTEMS: OrderedDict[tuple, fsspec.AbstractFileSystem] = OrderedDict()
 _S3_FILESYSTEMS_KEPT = 16
 _S3_FILESYSTEMS_LOCK = threading.Lock()
