@@ -337,9 +337,11 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixe
     # makes its own forward batches of batch_size), then encodes the results and writes them
     # as parts in the call's thread while its predictor thread starts on the next batch: id
     # maps never enter the object store, and the GPU is not kept waiting on the PNG encoder.
-    # The batch size is explicit (Ray Data refuses a GPU pool without one); the decode tasks'
-    # blocks hold that many rows, so a batch is mostly one block, and a batch with rows of
-    # several shards makes a part per shard.
+    # A CPU pool takes whole blocks (a block: at most ROWS_PER_CALL rows of one shard), as
+    # they come: a fixed batch size made Ray Data hold blocks back until it had that many rows,
+    # and a small job then fed one actor of two. Ray Data refuses a GPU pool without a batch
+    # size: there a batch is rows_per_call rows, and one with rows of several shards makes a
+    # part per shard.
     rows_per_call = max(batch_size, ROWS_PER_CALL)
     return ds.map_batches(
         PredictStage,
@@ -348,7 +350,7 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixe
                               **({"compile": True} if compile else {})}),
         fn_constructor_kwargs={"parts": {"dst": dst, "run_id": run_id, "nice": nice},
                                "rows_per_call": rows_per_call},
-        batch_size=rows_per_call,
+        batch_size=rows_per_call if res.gpus_per_actor > 0 else None,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=res.num_actors, max_size=res.num_actors,
                                   max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
