@@ -40,19 +40,28 @@ from s3_server import s3_server
 from timed_predictor import read_times
 
 
-def _bare_share(bundle: str, jpegs: list[bytes], batch_size: int, ready, results) -> None:
-    """One single-threaded bare predictor over its share of the photos (a spawned process)."""
+def _time_bare(bundle: str, jpegs: list[bytes], batch_size: int, threads: int,
+               ready=None) -> tuple[float, float]:
+    """(seconds, CPU seconds of this process) of one bare predictor over `jpegs`, decoded in
+    memory first (it resizes them itself, as in the job), after a warm-up; `ready`: a barrier
+    to wait at before the clock starts."""
     from pipeline.segment.decode import decode_image
     from pipeline.segment.predictor import PanopticPredictor
 
-    predictor = PanopticPredictor(bundle, batch_size=batch_size, threads=1)
+    predictor = PanopticPredictor(bundle, batch_size=batch_size, threads=threads)
     arrays = [decode_image(b).array for b in jpegs]
     predictor.predict([arrays[0]])  # warm-up
-    ready.wait()
+    if ready is not None:
+        ready.wait()
     t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(0, len(arrays), batch_size):
         predictor.predict(arrays[i:i + batch_size])
-    results.put((time.perf_counter() - t0, time.process_time() - cpu0))
+    return time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def _bare_share(bundle: str, jpegs: list[bytes], batch_size: int, ready, results) -> None:
+    """One single-threaded bare predictor over its share of the photos (a spawned process)."""
+    results.put(_time_bare(bundle, jpegs, batch_size, 1, ready))
 
 
 def _bare_processes(bundle: str, jpegs: list[bytes], procs: int,
@@ -117,8 +126,6 @@ def run(args: argparse.Namespace, server, endpoint: str) -> None:
     from model.config import get_config
     from model.mask2former import build_model
     from model.ops import has_compiled_op
-    from pipeline.segment.decode import decode_image
-    from pipeline.segment.predictor import PanopticPredictor
     from pipeline.segment.tar import tar_bytes
 
     s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -143,18 +150,11 @@ def run(args: argparse.Namespace, server, endpoint: str) -> None:
     # bare predictor, photos decoded in memory (it resizes them itself, as in the job): one
     # process with every thread, then one single-threaded process per core side by side (on a
     # CPU the faster of the two is the best the model does here; the job can run either way)
-    predictor = PanopticPredictor(bundle, batch_size=args.batch_size, threads=threads)
-    arrays = [decode_image(b).array for b in images]
-    predictor.predict([arrays[0]])  # warm-up
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    for i in range(0, len(arrays), args.batch_size):
-        predictor.predict(arrays[i:i + args.batch_size])
-    bare_s, bare_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    bare_s, bare_cpu = _time_bare(bundle, images, args.batch_size, threads)
     bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    del predictor
     split_s, split_cpu = _bare_processes(bundle, images, threads, args.batch_size)
-    bares = [(f"bare, 1 process x {threads} threads", len(arrays) / bare_s, bare_s, bare_cpu),
-             (f"bare, {threads} processes x 1 thread", len(arrays) / split_s, split_s, split_cpu)]
+    bares = [(f"bare, 1 process x {threads} threads", len(images) / bare_s, bare_s, bare_cpu),
+             (f"bare, {threads} processes x 1 thread", len(images) / split_s, split_s, split_cpu)]
     _, bare_rate, _, bare_cpu = max(bares, key=lambda b: b[1])
 
     # the job
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, server, endpoint: str) -> None:
         print(f"  {role:28s} {secs:7.1f} {secs / steady_s:6.2f} {1000 * secs / whole_n:13.0f}")
     total = sum(cpu.values())
     print(f"  {'all':28s} {total:7.1f} {total / steady_s:6.2f} {1000 * total / whole_n:13.0f}"
-          f"   (best bare: {1000 * bare_cpu / len(arrays):.0f} CPU-ms/image)")
+          f"   (best bare: {1000 * bare_cpu / len(images):.0f} CPU-ms/image)")
     rows = [
         (bares[0][0], bares[0][1], bares[0][2], bare_rss),
         (bares[1][0], bares[1][1], bares[1][2], None),  # RSS: not sampled across processes
