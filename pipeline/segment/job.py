@@ -343,6 +343,11 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixe
     # size: there a batch is rows_per_call rows, and one with rows of several shards makes a
     # part per shard.
     rows_per_call = max(batch_size, ROWS_PER_CALL)
+    # Ray Data queues up to twice as many calls on an actor as it runs at once. A CPU call
+    # takes seconds to minutes: there the queue only lets the actor that is ready first take
+    # the blocks of a small job (one of two actors did all four shards) and leaves the others
+    # idle at the end of a big one. A GPU call is short: the queue keeps its inputs coming.
+    tasks_in_flight = CALLS_PER_ACTOR if res.gpus_per_actor == 0 else None
     return ds.map_batches(
         PredictStage,
         fn_constructor_args=(predictor, model,
@@ -354,6 +359,7 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixe
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=res.num_actors, max_size=res.num_actors,
                                   max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+                                  max_tasks_in_flight_per_actor=tasks_in_flight,
                                   enable_true_multi_threading=True),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,

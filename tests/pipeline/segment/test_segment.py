@@ -357,6 +357,26 @@ def test_a_job_on_a_cluster_with_gpus_runs_through(tmp_path):
     assert {r["model_id"] for r in rows} == {"halves@v1"}
 
 
+def test_every_cpu_actor_gets_work_in_a_small_job(tmp_path, ray_local):
+    """Four shards, two CPU actors of which one is ready a second later: both answer calls.
+    (Ray Data queued up to four calls on the actor that was ready first, and it did all
+    four shards while the other one waited.)"""
+    import standin_predictor
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(standin_predictor)  # the workers cannot import it
+    src, calls = tmp_path / "in", tmp_path / "calls"
+    calls.mkdir()
+    write_images(src, [f"p{i}.jpg" for i in range(8)])
+    summary = run_segment(src=str(src), dst=str(tmp_path / "out"), model=str(calls),
+                          predictor=standin_predictor.Tally, files_per_shard=2, num_actors=2, cpus_per_actor=0.5,
+                          threads_per_actor=1, progress=False)
+    assert (summary.shards_done, summary.images_ok) == (4, 8)
+    answered = {f.name: len(f.read_text().split()) for f in calls.glob("calls-*")}
+    assert len(answered) == 2, answered
+    assert sum(answered.values()) == 4
+
+
 @pytest.mark.parametrize("spec, says", [("nocolon", "not package.module:Class"),
                                         ("no_such_module_xyz:C", "cannot import"),
                                         ("standin_predictor:Missing", "has no class Missing")])
