@@ -369,8 +369,8 @@ def test_every_cpu_actor_gets_work_in_a_small_job(tmp_path, ray_local):
     calls.mkdir()
     write_images(src, [f"p{i}.jpg" for i in range(8)])
     summary = run_segment(src=str(src), dst=str(tmp_path / "out"), model=str(calls),
-                          predictor=standin_predictor.Tally, files_per_shard=2, num_actors=2, cpus_per_actor=0.5,
-                          threads_per_actor=1, progress=False)
+                          predictor=standin_predictor.Tally, files_per_shard=2, num_actors=2,
+                          cpus_per_actor=0.5, threads_per_actor=1, progress=False)
     assert (summary.shards_done, summary.images_ok) == (4, 8)
     answered = {f.name: len(f.read_text().split()) for f in calls.glob("calls-*")}
     assert len(answered) == 2, answered
