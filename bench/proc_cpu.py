@@ -5,7 +5,9 @@ line of this process, all its descendants (Ray's processes) and any extra proces
 (an S3 server). `by_role(t0, t1)` then gives the CPU seconds each role used between two
 wall-clock times (linear between samples): a role named by the caller, else one read from the
 process's latest command line (raylet, GCS, ``Ray worker: Committer``...); `peak_rss` is the
-peak of the summed resident memory.
+peak of the summed resident memory. The sampling runs in a thread of this process, about 7
+CPU-ms a sample with a local Ray: its own CPU is counted apart ("bench sampler"), not as this
+process's, and it samples once a second.
 Imported by the bench scripts beside it.
 """
 
@@ -35,7 +37,7 @@ def role_of(cmd: str) -> str:
 
 
 class ProcessCPU:
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.named: dict[int, str] = {}  # pid -> role, for processes named by the caller
         self.extra: list[psutil.Process] = []
@@ -43,6 +45,8 @@ class ProcessCPU:
         self._cmds: dict[int, str] = {}  # pid -> its latest command line (titles change)
         self._times: list[float] = []
         self._samples: list[dict[int, float]] = []
+        self._sampler_cpu = 0.0  # CPU seconds the sampling thread has used
+        self._sampler: list[float] = []  # ... as of each sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -74,16 +78,23 @@ class ProcessCPU:
                     self._cmds.setdefault(p.pid, "")
         self._times.append(time.time())
         self._samples.append(cpu)
+        self._sampler.append(self._sampler_cpu)
         self.peak_rss = max(self.peak_rss, rss)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            t0 = time.thread_time()
             self._sample()
+            self._sampler_cpu += time.thread_time() - t0
+            self._sampler[-1] = self._sampler_cpu
 
-    def _at(self, pid: int, t: float) -> float:
-        """CPU seconds of `pid` at time `t` (0 before it was first seen, its last sample after
-        it was last seen)."""
-        seen = [(tt, s[pid]) for tt, s in zip(self._times, self._samples) if pid in s]
+    def _at(self, pid: int | None, t: float) -> float:
+        """CPU seconds of `pid` (None: the sampling thread) at time `t` (0 before it was first
+        seen, its last sample after it was last seen)."""
+        if pid is None:
+            seen = list(zip(self._times, self._sampler))
+        else:
+            seen = [(tt, s[pid]) for tt, s in zip(self._times, self._samples) if pid in s]
         if not seen or t <= seen[0][0]:
             return 0.0 if not seen or t < seen[0][0] else seen[0][1]
         i = bisect.bisect_left([tt for tt, _ in seen], t)
@@ -103,6 +114,9 @@ class ProcessCPU:
             else:
                 role = role_of(self._cmds.get(pid, ""))
             out[role] += self._at(pid, t1) - self._at(pid, t0)
+        sampler = self._at(None, t1) - self._at(None, t0)
+        out["driver"] -= sampler
+        out["bench sampler (in the driver)"] = sampler
         return dict(out)
 
     def __enter__(self) -> ProcessCPU:

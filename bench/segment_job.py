@@ -4,8 +4,9 @@ Compares, on the same images and the same machine:
 - bare: `PanopticPredictor.predict` in one process, images already decoded in memory, all
   threads of the machine (the best the model can do here);
 - job: `run_segment` from WebDataset tar shards on a moto S3 server (loopback) to Parquet on
-  the same server, on a local Ray with the default sizing (one predictor actor using every
-  core, reading / decoding / encoding / writing in tasks beside it).
+  the same server, on a local Ray with the default sizing (on a CPU: one single-threaded
+  predictor actor per core, each reading, decoding, encoding and writing its own shards;
+  ``--num-actors 1 --threads-per-actor 2`` for one actor of two threads).
 
 Reports images/s of both and the efficiency ratio (job / bare). Steady state: all the job's
 images over the time from the start of the predictor's first call (``bench/timed_predictor.py``
@@ -16,7 +17,7 @@ the job (its first call's start to its last call's end) and the whole-run rate; 
 went over the steady-state window, process by process (``bench/proc_cpu.py``: the predictor
 actor, the Ray workers running read + decode and commits, the driver, raylet, GCS, the S3
 server). Peak resident memory: the bare process; the job's driver, all Ray processes and the S3
-server, sampled every 0.25 s.
+server, sampled every second.
 Default: `r50-coco-panoptic` (random weights) at 384 x 384.
 
 Run: ``python bench/segment_job.py [--preset r50-coco-panoptic] [--images 96] [--size 384]``.

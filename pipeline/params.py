@@ -140,8 +140,8 @@ class SegmentParams:
     batch_size: int = param(4, "images per forward pass", minimum=1)
     compile: bool = param(False, "torch.compile each predictor's forward (pays on GPUs; the "
                           "first batch of each size then compiles, for minutes on a CPU)")
-    num_actors: int | None = param(None, "predictor actors (default: one per GPU, else CPUs - 1)",
-                                   minimum=1)
+    num_actors: int | None = param(None, "predictor actors (default: one per GPU, else one "
+                                   "per CPU)", minimum=1)
     gpus_per_actor: float | None = param(None, "GPUs of each predictor actor (default: 1 when "
                                          "the cluster has GPUs, else 0)", minimum=0)
     cpus_per_actor: float = param(1.0, "CPU reservation of each predictor actor", minimum=0)

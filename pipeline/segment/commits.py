@@ -249,6 +249,17 @@ def commit_shard_parts(dst: str, shard_id: str, parts: list[str], expected: int,
 class Committer:
     """Commits shards from their parts; the job runs a few as long-lived actors."""
 
+    def warm(self, dst: str) -> bool:
+        """Make the storage client for `dst` now, while the predictors load their models (it
+        takes a few hundred CPU-ms, which the first commit would otherwise pay mid-job).
+        False if that failed: the first commit then says why."""
+        try:
+            store = OutputStore(dst)
+            store.fs.exists(store.data_path)
+            return True
+        except Exception:  # noqa: BLE001 - only a head start; the commit reports errors
+            return False
+
     def commit(self, dst: str, shard_id: str, parts: list[str], expected: int,
                schema: pa.Schema) -> dict[str, int]:
         return commit_shard_parts(dst, shard_id, parts, expected, schema)

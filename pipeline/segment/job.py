@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
@@ -81,6 +82,7 @@ class SegmentSummary:
 
 
 IO_NICE = 10  # priority drop of read / decode / encode tasks beside CPU-only predictors
+READ_CPUS = 0.5  # CPU reservation of a read + decode task beside GPU predictors
 ROWS_PER_CALL = 16  # photos per decode batch and per predict() call
 CALLS_PER_ACTOR = 2  # blocks an actor takes at a time: it encodes one while it predicts the next
 
@@ -95,11 +97,13 @@ class Resources:
 
 def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
                    cpus_per_actor: float, threads_per_actor: int | None) -> Resources:
-    """Size the predictor pool from the cluster: one actor per GPU, else by CPUs.
+    """Size the predictor pool from the cluster: one actor per GPU, else one per CPU.
 
-    The pool never takes every CPU: reading and decoding run as tasks and need CPU of their own
-    (a full pool deadlocks). On a CPU-only cluster too many actors is an error; GPU actors
-    reserve less CPU each where the cluster has few CPUs per GPU.
+    On GPUs, reading and decoding run as tasks beside the actors and need CPU of their own (a
+    pool that takes every CPU deadlocks): GPU actors reserve less CPU each where the cluster
+    has few CPUs per GPU. On a CPU-only cluster each actor reads and decodes its own shards
+    (the read stage asks for what an actor asks for, so Ray Data runs it inside the actor
+    calls): the pool may take every CPU, and asking for more actors than fit is an error.
     """
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 1)), float(total.get("GPU", 0))
@@ -107,28 +111,18 @@ def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
         gpus_per_actor = 1.0 if gpus >= 1 else 0.0
     if gpus_per_actor > 0:
         fit = int(gpus // gpus_per_actor)
-        free_cpu = cpus - 1
-    else:
-        fit = int(max(cpus - 1, 0) // cpus_per_actor)
-        free_cpu = cpus - 1
-    if gpus_per_actor > 0 and fit < 1:
-        raise ValueError(
-            f"each predictor actor asks for {gpus_per_actor:g} GPU, but the cluster has "
-            f"{gpus:g}; use --gpus-per-actor 0 to run on CPUs, or add GPU nodes")
-    if num_actors is None:
-        num_actors = max(1, fit)
-    if gpus_per_actor > 0 and num_actors > fit:
-        raise ValueError(
-            f"{num_actors} predictor actors x {gpus_per_actor:g} GPU need "
-            f"{num_actors * gpus_per_actor:g} GPUs, but the cluster has {gpus:g}; use at most "
-            f"{fit} actors")
-    if gpus_per_actor == 0 and num_actors * cpus_per_actor > max(free_cpu, cpus_per_actor):
-        raise ValueError(
-            f"{num_actors} predictor actors x {cpus_per_actor} CPUs would take every CPU of the "
-            f"cluster ({cpus:g}); reading and decoding need one too: use at most "
-            f"{max(1, fit)} actors")
-    if gpus_per_actor > 0:
-        # GPU actors must leave CPU for the read + decode tasks too: on a cluster with few CPUs
+        if fit < 1:
+            raise ValueError(
+                f"each predictor actor asks for {gpus_per_actor:g} GPU, but the cluster has "
+                f"{gpus:g}; use --gpus-per-actor 0 to run on CPUs, or add GPU nodes")
+        if num_actors is None:
+            num_actors = fit
+        if num_actors > fit:
+            raise ValueError(
+                f"{num_actors} predictor actors x {gpus_per_actor:g} GPU need "
+                f"{num_actors * gpus_per_actor:g} GPUs, but the cluster has {gpus:g}; use at "
+                f"most {fit} actors")
+        # GPU actors must leave CPU for the read + decode tasks: on a cluster with few CPUs
         # per GPU their reservation shrinks (Ray would otherwise place every actor, no task,
         # and the job would wait forever).
         room = max(cpus - 1, cpus / 2)
@@ -136,6 +130,15 @@ def plan_resources(*, num_actors: int | None, gpus_per_actor: float | None,
             cpus_per_actor = room / num_actors
             log.info("%d GPU actors on %g CPUs: each reserves %.2f CPU, to leave room for "
                      "reading and decoding", num_actors, cpus, cpus_per_actor)
+    else:
+        fit = max(1, int(cpus // cpus_per_actor)) if cpus_per_actor > 0 else max(1, int(cpus))
+        if num_actors is None:
+            num_actors = fit
+        if num_actors * cpus_per_actor > max(cpus, cpus_per_actor):
+            raise ValueError(
+                f"{num_actors} predictor actors x {cpus_per_actor:g} CPUs need "
+                f"{num_actors * cpus_per_actor:g} CPUs, but the cluster has {cpus:g}; use at "
+                f"most {fit} actors")
     if threads_per_actor is None:
         threads_per_actor = max(1, (os.cpu_count() or 1) // num_actors) if gpus_per_actor == 0 \
             else 4
@@ -324,13 +327,21 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixe
     ds = ray.data.from_items([{"shard": dataclasses.asdict(s)} for s in pending],
                              override_num_blocks=max(1, len(pending)))
     # CPU-only predictors: the I/O work runs at a lower priority than the model's threads.
-    nice = IO_NICE if res.gpus_per_actor == 0 else 0
+    on_cpus = res.gpus_per_actor == 0
+    nice = IO_NICE if on_cpus else 0
     # Every task and every operator costs the driver's scheduler CPU, whatever its size, so
-    # there are two operators and a task per shard in each (a block: up to Ray Data's target
-    # block size). Reading and decoding share a task on a fraction of a CPU (it keeps them
-    # from being fused into the predictor actors, where they would stall the model). Photos
-    # travel at their original size: the predictor owns the test-time resize.
-    ds = ds.map_batches(read_decode_stage, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+    # there are at most two operators and a task per shard in each (a block: up to Ray Data's
+    # target block size). On GPUs reading and decoding share a task on a fraction of a CPU,
+    # beside the actors, and the photos travel to them at their original size (the predictor
+    # owns the test-time resize). On CPUs the read stage asks for what a predictor actor asks
+    # for, so Ray Data fuses it into the actor calls: an actor reads and decodes a shard at a
+    # lower priority in one call thread while its model predicts in another, one
+    # single-threaded actor per CPU, and the decoded photos never enter the object store (two
+    # single-threaded actors on 2 CPUs beat one of two threads beside read tasks: the
+    # preempted half of a two-thread team stalls the other).
+    read_cpus = res.cpus_per_actor if on_cpus else READ_CPUS
+    ds = ds.map_batches(read_decode_stage, batch_size=1, batch_format="pyarrow",
+                        num_cpus=read_cpus,
                         fn_kwargs={"max_pixels": max_pixels, "nice": nice,
                                    "rows_per_batch": ROWS_PER_CALL})
     # A predictor actor takes rows_per_call photos per call and per predict() (the predictor
@@ -375,12 +386,16 @@ def _metadata_blocks(ds):
             yield BlockAccessor.for_block(block).to_arrow()
 
 
-# Commits run on a few long-lived actors (a task per commit kept starting fresh workers, each
-# importing the storage stack again). A commit is storage I/O: no CPU reservation, so it never
-# waits behind the predictor pool. A commit is idempotent (commits.OutputStore.commit_parts), so
-# one whose committer was lost with its node is simply sent again, to a fresh committer.
+# Commits run on one long-lived actor (a task per commit kept starting fresh workers, each
+# importing the storage stack again), COMMIT_THREADS at a time: a commit is a few storage
+# requests and some 30 CPU-ms (4 photos), so one committer keeps up with thousands of images a
+# second, and every further Ray process costs CPU even when idle. A commit is storage I/O: no
+# CPU reservation, so it never waits behind the predictor pool. A commit is idempotent
+# (commits.OutputStore.commit_parts), so one whose committer was lost with its node is simply
+# sent again, to a fresh committer.
 _Committer = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(Committer)
-COMMITTERS = 2
+COMMITTERS = 1
+COMMIT_THREADS = 8
 COMMIT_ATTEMPTS = 4
 
 
@@ -391,6 +406,7 @@ class _Commit:
     expected: int
     attempt: int = 1
     slot: int = 0  # which committer it was sent to
+    committer: Any = None  # ... and its handle
 
 
 def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: int,
@@ -398,15 +414,20 @@ def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: in
     """Follow the metadata rows; authorise one commit per shard once all its images are in."""
     progress = ShardProgress()
     commits: dict[ray.ObjectRef, _Commit] = {}
-    committers = [_Committer.remote() for _ in range(COMMITTERS)]
+    def new_committer():
+        return _Committer.options(max_concurrency=COMMIT_THREADS).remote()
+
+    committers = [new_committer() for _ in range(COMMITTERS)]
+    warming = [c.warm.remote(dst) for c in committers]  # settled below, never waited for
     sent = 0
     t0 = time.time()
 
     def send(c: _Commit) -> None:
         nonlocal sent
         c.slot = sent % len(committers)
+        c.committer = committers[c.slot]
         sent += 1
-        commits[committers[c.slot].commit.remote(dst, c.shard, c.parts, c.expected,
+        commits[c.committer.commit.remote(dst, c.shard, c.parts, c.expected,
                                                  OUTPUT_SCHEMA)] = c
 
     def settle(refs) -> None:
@@ -419,7 +440,8 @@ def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: in
                     raise
                 log.warning("committer of shard %s was lost (%s); committing it again",
                             c.shard, type(e).__name__)
-                committers[c.slot] = _Committer.remote()
+                if committers[c.slot] is c.committer:  # not yet replaced for another commit
+                    committers[c.slot] = new_committer()
                 send(dataclasses.replace(c, attempt=c.attempt + 1))
                 continue
             summary.images_ok += counts["ok"]
@@ -451,6 +473,11 @@ def _drain(ds, *, dst: str, lock: WriterLock, summary: SegmentSummary, total: in
     while commits:  # a resent commit joins the dict; wait until none is left
         done, _ = ray.wait(list(commits), num_returns=1)
         settle(done)
+    for ref in warming:  # read, so that a lost committer's warm-up is no "unhandled error"
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - its commits were sent again and settled above
+            pass
     if progress.pending:
         raise RuntimeError(f"{progress.pending} shards did not receive all their rows; re-run "
                            "the job: committed shards are kept and only these are redone")

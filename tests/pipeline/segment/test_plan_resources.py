@@ -28,11 +28,17 @@ def test_gpu_actors_leave_cpu_for_reading_where_cpus_are_few(monkeypatch):
     assert res.num_actors * res.cpus_per_actor <= 0.5
 
 
-def test_a_cpu_only_cluster_keeps_a_cpu_for_reading(monkeypatch):
+def test_a_cpu_only_cluster_runs_one_single_threaded_actor_per_cpu(monkeypatch):
+    # each actor reads its own shards (the read stage is fused into it): no CPU is kept back
+    monkeypatch.setattr(job.os, "cpu_count", lambda: 2)
     res = plan(monkeypatch, {"CPU": 2})
-    assert (res.num_actors, res.gpus_per_actor) == (1, 0.0)
-    with pytest.raises(ValueError, match="would take every CPU"):
-        plan(monkeypatch, {"CPU": 2}, num_actors=2)
+    assert (res.num_actors, res.gpus_per_actor, res.threads_per_actor) == (2, 0.0, 1)
+    res = plan(monkeypatch, {"CPU": 2}, num_actors=1)
+    assert (res.num_actors, res.threads_per_actor) == (1, 2)
+    res = plan(monkeypatch, {"CPU": 2}, cpus_per_actor=0.5)
+    assert res.num_actors == 4
+    with pytest.raises(ValueError, match="use at most 2 actors"):
+        plan(monkeypatch, {"CPU": 2}, num_actors=3)
 
 
 def test_asking_for_gpus_a_cluster_lacks_is_one_sentence(monkeypatch):
