@@ -247,7 +247,7 @@ def commit_shard_parts(dst: str, shard_id: str, parts: list[str], expected: int,
 
 
 class Committer:
-    """Commits shards from their parts; the job runs a few as long-lived actors."""
+    """Commits shards from their parts; the job runs one as a long-lived, threaded actor."""
 
     def warm(self, dst: str) -> bool:
         """Make the storage client for `dst` now, while the predictors load their models (it

@@ -358,7 +358,7 @@ def _build_dataset(pending, *, model, dst, run_id, batch_size, compile, max_pixe
     # takes seconds to minutes: there the queue only lets the actor that is ready first take
     # the blocks of a small job (one of two actors did all four shards) and leaves the others
     # idle at the end of a big one. A GPU call is short: the queue keeps its inputs coming.
-    tasks_in_flight = CALLS_PER_ACTOR if res.gpus_per_actor == 0 else None
+    tasks_in_flight = CALLS_PER_ACTOR if on_cpus else None
     return ds.map_batches(
         PredictStage,
         fn_constructor_args=(predictor, model,
