@@ -20,6 +20,10 @@ from ray.cluster_utils import Cluster
 from pipeline.segment.job import run_segment
 
 
+def _is_predictor(title: str) -> bool:
+    return title.startswith("ray::MapWorker(") and "MapBatches(PredictStage))" in title
+
+
 def main(src: str, dst: str, bundle: str, report: str, mode: str = "node") -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
@@ -45,9 +49,11 @@ def main(src: str, dst: str, bundle: str, report: str, mode: str = "node") -> No
         data = Path(dst) / "data"
         while not staged():
             time.sleep(0.02)
-        # The predictor actor's process, found by its title (no state API: it is slow here).
+        # The predictor actor's process, found by its title (no state API: it is slow here):
+        # "MapWorker(MapBatches(read_decode_stage)->MapBatches(PredictStage))" on CPUs, where Ray
+        # Data fuses the read stage into the actor calls.
         actor = next(p for p in psutil.process_iter(["cmdline"])
-                     if "MapWorker(MapBatches(PredictStage))" in " ".join(p.info["cmdline"] or ()))
+                     if _is_predictor(" ".join(p.info["cmdline"] or ())))
         killed["committed_before"] = len(list(data.glob("*.parquet")))
         if mode == "actor":
             actor.kill()
